@@ -1,0 +1,46 @@
+"""Prompts and the Benchmark protocol: a named prompt set with train/eval splits and its metric."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt's text plus the metadata its rewards need (GenEval clauses, OCR target, ...)."""
+
+    text: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        """The task the prompt belongs to ("" when the benchmark has no tasks)."""
+        return str(self.metadata.get("tag", ""))
+
+
+@runtime_checkable
+class Benchmark(Protocol):
+    """A prompt set: seeded training prompts, a fixed eval set, and the metric it reports."""
+
+    name: str
+    version: str
+    images_per_prompt: int  # eval images per eval prompt
+    eval_seed: int  # initial noise of eval image j of prompt i comes from (eval_seed, i, j)
+    metrics: tuple[str, ...]  # the keys `evaluate` returns, "overall" first
+
+    def train_prompts(self, n: int, rng: np.random.Generator) -> list[Prompt]:
+        """``n`` training prompts drawn with ``rng``."""
+        ...
+
+    def eval_prompts(self) -> list[Prompt]:
+        """The fixed evaluation prompts."""
+        ...
+
+    def evaluate(self, images: Tensor, prompts: Sequence[Prompt]) -> dict[str, float]:
+        """Score eval images (B, 3, H, W) in [0, 1]; returns ``overall`` and per-task numbers."""
+        ...

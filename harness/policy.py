@@ -1,0 +1,102 @@
+"""The Policy protocol: what every model adapter (tiny DiT, SD3.5 + LoRA) offers the methods.
+
+Conventions, shared by every method and sampler (rectified flow, as SD3):
+``x_t = (1 − t)·x0 + t·ε``, velocity ``v = ε − x0``, ``t ∈ [0, 1]`` with ``t = 1`` pure noise.
+Any other timestep scale (SD3's 0–1000) stays inside the adapter.
+
+Three weight sets are selected through :meth:`Policy.use_weights` so that a method never cares
+whether they are LoRA adapters of one network (SD3.5, as the official code does) or parameter
+copies (tiny model): ``"train"`` (θ, the one with gradients), ``"old"`` (the sampling policy,
+soft-updated ``old ← η·old + (1 − η)·θ``) and ``"ref"`` (the frozen initial model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+WeightSet = Literal["train", "old", "ref"]
+WEIGHT_SETS: tuple[WeightSet, ...] = ("train", "old", "ref")
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Encoded prompts: named batch-first tensors (token embeddings, masks, pooled vectors)."""
+
+    tensors: dict[str, Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, index: slice | Tensor | list[int]) -> Cond:
+        return Cond({k: v[index] for k, v in self.tensors.items()})
+
+    def repeat_interleave(self, repeats: int) -> Cond:
+        """Each row ``repeats`` times in a row (one group of samples per prompt)."""
+        return Cond({k: v.repeat_interleave(repeats, dim=0) for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str) -> Cond:
+        return Cond({k: v.to(device) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(conds: Sequence[Cond]) -> Cond:
+        keys = conds[0].tensors.keys()
+        return Cond({k: torch.cat([c.tensors[k] for c in conds]) for k in keys})
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """A text-to-image flow model with three selectable weight sets."""
+
+    sample_shape: tuple[int, ...]  # (C, H, W) of x0, latents or pixels
+    supports_cfg: bool
+
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Encode prompts (the empty string is the unconditional prompt for CFG)."""
+        ...
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """v(x_t, t, cond) under the selected weights; x_t (B, C, H, W), t (B,) in [0, 1]."""
+        ...
+
+    def decode(self, x0: Tensor) -> Tensor:
+        """Clean samples → images (B, 3, H, W) in [0, 1]."""
+        ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters of θ that the optimizer updates."""
+        ...
+
+    def use_weights(self, which: WeightSet) -> AbstractContextManager[None]:
+        """Select θ ("train"), the sampling policy ("old") or the reference ("ref") inside the block."""
+        ...
+
+    def update_old(self, eta: float) -> None:
+        """Soft update ``old ← η·old + (1 − η)·θ``; ``eta = 0`` copies θ into old."""
+        ...
+
+
+def guided_velocity(
+    policy: Policy, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance_scale: float
+) -> Tensor:
+    """Classifier-free guidance ``v_u + w·(v_c − v_u)``; one batched call of 2B samples when ``w ≠ 1``."""
+    if guidance_scale == 1.0:
+        return policy.velocity(x_t, t, cond)
+    if uncond is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs an unconditional cond (encode([''] * B))")
+    if not policy.supports_cfg:
+        raise ValueError(f"{type(policy).__name__} does not support classifier-free guidance")
+    v = policy.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([uncond, cond]))
+    v_uncond, v_cond = v.chunk(2)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
+    """Consecutive slices covering ``range(n)``."""
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))

@@ -1,0 +1,5 @@
+"""Method registry: one line per method (``name → "module:Class"``), imported lazily."""
+
+from harness.registry import Registry
+
+METHODS: Registry = Registry("method")

@@ -1,0 +1,45 @@
+"""Pretraining is deterministic: the same config gives the same weights, bit for bit."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.shapes.checkpoint import BASE_CHECKPOINT, ChecksumError, load_shapes_policy, verify_checksum
+from benchmarks.shapes.pretrain import PretrainConfig, pretrain
+from benchmarks.shapes.world import VOCABULARY
+from harness.policies.tiny_dit import TinyDiTConfig
+
+SMALL = TinyDiTConfig(vocabulary=VOCABULARY, hidden=32, depth=1, heads=2, text_layers=1)
+
+
+def test_same_seed_same_weights(tmp_path):
+    cfg = PretrainConfig(steps=3, batch_size=8, warmup_steps=2, threads=1)
+    a = load_file(pretrain(cfg, tmp_path / "a", SMALL) / "model.safetensors")
+    b = load_file(pretrain(cfg, tmp_path / "b", SMALL) / "model.safetensors")
+    c = load_file(
+        pretrain(PretrainConfig(steps=3, batch_size=8, warmup_steps=2, threads=1, seed=1), tmp_path / "c", SMALL)
+        / "model.safetensors"
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert meta["pretrain"]["steps"] == 3 and meta["architecture"]["hidden"] == 32
+
+
+def test_checksum_is_verified(tmp_path):
+    out = pretrain(PretrainConfig(steps=1, batch_size=4, warmup_steps=1, threads=1), tmp_path / "ck", SMALL)
+    verify_checksum(out)
+    (out / "model.safetensors.sha256").write_text("0" * 64 + "  model.safetensors\n")
+    with pytest.raises(ChecksumError, match="sha256"):
+        load_shapes_policy(out)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_shapes_policy(tmp_path / "nowhere")
+
+
+def test_committed_base_matches_its_checksum_and_config():
+    verify_checksum(BASE_CHECKPOINT)
+    meta = json.loads((BASE_CHECKPOINT / "config.json").read_text())
+    assert meta["pretrain"] == {**PretrainConfig().__dict__, "steps": PretrainConfig().steps}
+    assert tuple(meta["architecture"]["vocabulary"]) == VOCABULARY

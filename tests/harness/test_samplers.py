@@ -1,0 +1,114 @@
+"""Samplers against a Gaussian data distribution whose velocity is known in closed form."""
+
+import pytest
+import torch
+
+from harness.samplers import (
+    CPS,
+    DPMSolverPP2M,
+    EulerODE,
+    FlowSDE,
+    flow_schedule,
+    flow_sde_step,
+    gaussian_log_prob,
+    make_sampler,
+)
+
+MU, S = 0.7, 0.4  # data x0 ~ N(MU, S²) per dimension
+
+
+def exact_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """E[ε − x0 | x_t = x] for x_t = (1 − t)·x0 + t·ε with Gaussian x0."""
+    t = t.reshape(-1, *([1] * (x.ndim - 1)))
+    a, b = 1 - t, t
+    var = a**2 * S**2 + b**2
+    return (b - a * S**2) / var * (x - a * MU) - MU
+
+
+def integrate(sampler, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+    from harness.samplers import History
+
+    ts = flow_schedule(num_steps)
+    x, history = noise, None
+    for k in range(num_steps):
+        v = exact_velocity(x, ts[k].expand(x.shape[0]))
+        step = sampler.step(v, x, ts[k], ts[k + 1], noise=torch.zeros_like(x), history=history)
+        history = History(step.x0_pred, ts[k])
+        x = step.x_next
+    return x
+
+
+def test_ode_samplers_transport_noise_to_data():
+    noise = torch.randn(4096, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    target = MU + S * noise  # the flow of a Gaussian path is the affine map between marginals
+    euler_fine = integrate(EulerODE(), noise, 200)
+    assert torch.allclose(euler_fine, target, atol=2e-2)
+    euler10, dpm10 = integrate(EulerODE(), noise, 10), integrate(DPMSolverPP2M(), noise, 10)
+    dpm_error, euler_error = (dpm10 - target).abs().max(), (euler10 - target).abs().max()
+    assert dpm_error < 0.05 and dpm_error < euler_error / 5  # 2nd order in the interior steps
+    assert euler_fine.mean().item() == pytest.approx(MU, abs=0.02)
+    assert euler_fine.std().item() == pytest.approx(S, abs=0.02)
+
+
+def test_flow_sde_at_zero_noise_is_the_euler_step():
+    x, v = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    for t, t_next in [(1.0, 0.9), (0.6, 0.5), (0.1, 0.0)]:
+        sde = FlowSDE(noise_level=0.0).step(v, x, t, t_next, noise=torch.randn_like(x))
+        euler = EulerODE().step(v, x, t, t_next)
+        assert torch.allclose(sde.x_next, euler.x_next, atol=1e-6)
+        prev, _, mean, std_dev_t = flow_sde_step(v, x, t, t_next, noise_level=1e-8, noise=torch.randn_like(x))
+        assert torch.allclose(prev, euler.x_next, atol=1e-5)
+
+
+def test_flow_sde_log_prob_is_the_gaussian_density():
+    x, v = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
+    t, t_next = torch.full((5,), 0.6), torch.full((5,), 0.5)
+    prev, log_prob, mean, std_dev_t = flow_sde_step(v, x, t, t_next, noise_level=0.7)
+    std = std_dev_t * (t - t_next).sqrt().reshape(-1, 1, 1, 1)
+    expected = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(prev).mean(dim=(1, 2, 3))
+    assert torch.allclose(log_prob, expected, atol=1e-5)
+    # Given a prev_sample, it returns that sample's log-prob.
+    other = torch.randn_like(x)
+    _, other_log_prob, _, _ = flow_sde_step(v, x, t, t_next, prev_sample=other)
+    assert torch.allclose(
+        other_log_prob,
+        torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(other).mean(dim=(1, 2, 3)),
+        atol=1e-5,
+    )
+    # σ_t without the sqrt(−dt) factor; the t = 1 guard uses the next time in the denominator.
+    assert torch.allclose(std_dev_t.flatten(), 0.7 * torch.sqrt(t / (1 - t)))
+    _, lp1, _, sd1 = flow_sde_step(v, x, torch.ones(5), torch.full((5,), 0.9))
+    assert torch.isfinite(lp1).all() and torch.allclose(sd1.flatten(), torch.full((5,), 0.7 * (1 / 0.1) ** 0.5))
+
+
+def test_sampler_log_prob_matches_transition():
+    x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    step = FlowSDE().step(v, x, 0.5, 0.4, noise=torch.randn_like(x))
+    assert torch.allclose(FlowSDE().log_prob(step.x_next, step), gaussian_log_prob(step.x_next, step.mean, step.std))
+    with pytest.raises(TypeError, match="deterministic"):
+        EulerODE().log_prob(step.x_next, step)
+
+
+def test_cps_at_zero_noise_is_ddim_and_logprob_convention():
+    x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    step = CPS(noise_level=0.0).step(v, x, 0.7, 0.4, noise=torch.randn_like(x))
+    assert torch.allclose(step.x_next, EulerODE().step(v, x, 0.7, 0.4).x_next, atol=1e-6)
+    noisy = CPS(noise_level=0.8).step(v, x, 0.7, 0.4, noise=torch.randn_like(x))
+    assert torch.allclose(CPS().log_prob(noisy.x_next, noisy), -((noisy.x_next - noisy.mean) ** 2).mean(dim=(1, 2, 3)))
+    # Its marginal coefficients are preserved: (1 − t_next)² ... the noise part has variance t_next².
+    s = 0.4 * torch.sin(torch.tensor(0.8 * torch.pi / 2))
+    assert torch.allclose(noisy.std.flatten(), s.expand(2))
+
+
+def test_make_sampler_errors():
+    with pytest.raises(KeyError, match="allowed: euler, dpm2, flow_sde, cps"):
+        make_sampler("ddpm")
+    with pytest.raises(ValueError, match="deterministic"):
+        make_sampler("euler", noise_level=0.5)
+    assert make_sampler("flow_sde", 0.5).noise_level == 0.5
+
+
+def test_flow_schedule_shift():
+    assert torch.allclose(flow_schedule(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    shifted = flow_schedule(10, shift=3.0)
+    assert shifted[0] == 1.0 and shifted[-1] == 0.0 and shifted[5] == pytest.approx(0.75)

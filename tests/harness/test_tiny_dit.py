@@ -1,0 +1,108 @@
+"""The tiny DiT policy: save/load, the three weight sets, soft update, CFG."""
+
+import pytest
+import torch
+
+from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy, load_tiny_dit, save_tiny_dit
+from harness.policy import guided_velocity
+
+
+def make_policy(seed: int = 0) -> TinyDiTPolicy:
+    torch.manual_seed(seed)
+    cfg = TinyDiTConfig(
+        vocabulary=("<pad>", "a", "red", "circle"),
+        image_size=8,
+        patch_size=4,
+        hidden=16,
+        depth=2,
+        heads=2,
+        text_layers=1,
+        max_tokens=5,
+    )
+    model = TinyDiT(cfg)
+    with torch.no_grad():  # adaLN-Zero starts at v ≡ 0; perturb so that the tests see real outputs
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return TinyDiTPolicy(model)
+
+
+def inputs(policy, batch=3):
+    g = torch.Generator().manual_seed(1)
+    return (
+        torch.randn(batch, *policy.sample_shape, generator=g),
+        torch.rand(batch, generator=g),
+        policy.encode(["a red circle"] * batch),
+    )
+
+
+def test_save_and_load_round_trip(tmp_path):
+    policy = make_policy()
+    save_tiny_dit(policy.model, tmp_path / "ckpt", {"note": "test"})
+    loaded = TinyDiTPolicy(load_tiny_dit(tmp_path / "ckpt"))
+    x, t, _ = inputs(policy)
+    with torch.no_grad():
+        assert torch.equal(
+            policy.velocity(x, t, policy.encode(["a red circle"] * 3)),
+            loaded.velocity(x, t, loaded.encode(["a red circle"] * 3)),
+        )
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_tiny_dit(tmp_path / "missing")
+
+
+def test_weight_sets_start_equal_then_theta_moves_alone():
+    policy = make_policy()
+    x, t, _ = inputs(policy)
+
+    def velocities():
+        out = {}
+        with torch.no_grad():
+            for which in ("train", "old", "ref"):
+                with policy.use_weights(which):
+                    out[which] = policy.velocity(x, t, policy.encode(["a red circle"] * 3))
+        return out
+
+    v = velocities()
+    assert torch.equal(v["train"], v["old"]) and torch.equal(v["train"], v["ref"])
+    optimizer = torch.optim.SGD(policy.trainable_parameters(), lr=0.1)
+    policy.velocity(x, t, policy.encode(["a red circle"] * 3)).pow(2).mean().backward()
+    optimizer.step()
+    after = velocities()
+    assert not torch.allclose(after["train"], v["train"])
+    assert torch.equal(after["old"], v["old"]) and torch.equal(after["ref"], v["ref"])
+    policy.update_old(0.0)  # hard copy θ → old
+    assert torch.equal(velocities()["old"], after["train"])
+
+
+def test_soft_update_interpolates_parameters():
+    policy = make_policy()
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(1.0)
+    old_before = policy.weight_state("old")
+    theta = policy.weight_state("train")
+    policy.update_old(0.25)
+    old_after = policy.weight_state("old")
+    for key in theta:
+        assert torch.allclose(old_after[key], 0.25 * old_before[key] + 0.75 * theta[key], atol=1e-6)
+    with pytest.raises(ValueError, match="eta must be in"):
+        policy.update_old(1.5)
+    with pytest.raises(ValueError, match="weight set"), policy.use_weights("ema"):  # type: ignore[arg-type]
+        pass
+
+
+def test_cfg_combines_conditional_and_unconditional():
+    policy = make_policy()
+    x, t, cond = inputs(policy)
+    uncond = policy.encode([""] * 3)
+    with torch.no_grad():
+        v_c, v_u = policy.velocity(x, t, cond), policy.velocity(x, t, uncond)
+        guided = guided_velocity(policy, x, t, cond, uncond, 3.0)
+    assert torch.allclose(guided, v_u + 3.0 * (v_c - v_u), atol=1e-5)
+    with pytest.raises(ValueError, match="unconditional"):
+        guided_velocity(policy, x, t, cond, None, 3.0)
+
+
+def test_tokenizer_rejects_unknown_words():
+    policy = make_policy()
+    with pytest.raises(ValueError, match="'blue'"):
+        policy.encode(["a blue circle"])
