@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from benchmarks.base import Prompt
+from harness.optim import Optimization
 from harness.policy import Cond, Policy
 from harness.rollout import Trajectory
-from harness.samplers import Sampler
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,17 @@ class Method(Protocol):
     Config: ClassVar[type]  # frozen dataclass defined in the method's file
     needs_log_prob: ClassVar[bool]  # True: needs a stochastic sampler's transition log-probs
 
-    def __init__(self, cfg: Any, policy: Policy, sampler: Sampler) -> None: ...
-
-    def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
-        """Sample one image per entry of ``prompts`` with the sampling ("old") weights."""
+    def __init__(self, cfg: Any, policy: Policy, optim: Optimization) -> None:
+        """``policy`` is the harness's counting wrapper; ``optim`` owns AdamW, clipping and the EMA."""
         ...
 
-    def update(self, rollout: Rollout, rewards: Tensor) -> dict[str, float]:
-        """Train on one collection given its raw rewards (B,); return ``train/<name>`` metrics."""
+    def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
+        """Sample one image per entry of ``prompts`` with the method's sampling weights and sampler."""
+        ...
+
+    def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
+        """Train on one collection given its raw rewards (B,); return ``train/<name>`` metrics.
+
+        All randomness (training times, noise) comes from ``generator``.
+        """
         ...

@@ -1,0 +1,60 @@
+"""Optimizer mechanics shared by every method: AdamW, gradient clipping, the step counter, EMA.
+
+A method computes its loss and calls :meth:`Optimization.backward` and :meth:`Optimization.step`;
+it never builds its own optimizer, so every method trains with the same machinery. A non-finite
+loss stops the run with an error instead of poisoning the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from harness.ema import EMA
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW as the official FlowGRPO/DiffusionNFT configs (``config/base.py``), lr aside.
+
+    The official lr 3e-4 is for LoRA on a 2.5B model; full fine-tuning of the tiny 2M-parameter
+    shapes model needs a far smaller one (see the README).
+    """
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_max_decay: float = 0.9
+
+
+class Optimization:
+    """AdamW over the policy's trainable parameters plus the EMA that evaluation uses."""
+
+    def __init__(self, parameters: Sequence[nn.Parameter], cfg: OptimConfig, ema_interval: int = 1) -> None:
+        self.parameters = list(parameters)
+        if not self.parameters:
+            raise ValueError("the policy has no trainable parameters")
+        self.cfg = cfg
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+        self.ema = EMA(self.parameters, max_decay=cfg.ema_max_decay, interval=ema_interval)
+        self.global_step = 0
+
+    def backward(self, loss: Tensor, scale: float = 1.0) -> None:
+        """``(loss·scale).backward()`` after checking that the loss is finite."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at optimizer step {self.global_step + 1}")
+        (loss * scale).backward()
+
+    def step(self) -> float:
+        """Clip, step, zero the grads, advance the step counter and the EMA; returns the grad norm."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        self.ema.update(self.global_step)
+        return float(grad_norm)

@@ -1,0 +1,207 @@
+"""DiffusionNFT: online diffusion RL on the forward process (Zheng et al., arXiv 2509.16117, ICLR 2026).
+
+Collection samples clean images with the old policy θ_old and any solver (default: deterministic
+DPM-Solver++(2M), 10 steps, no CFG), and stores only x0, the prompt condition and raw rewards.
+Training noises x0 again and contrasts two implicit policies at the same x_t (Thm 3.2, Alg. 1):
+``v⁺ = (1 − β)·v_old + β·v_θ`` and ``v⁻ = (1 + β)·v_old − β·v_θ``, weighted by the optimality
+probability ``r = 0.5 + clip(A, ±A_max)/(2·A_max)`` (Alg. 1 lines 4–5).
+
+Paper vs official code (NVlabs/DiffusionNFT ``scripts/train_nft_sd3.py``); both are supported
+and the official code is the default:
+
+* loss: the code's x0-space adaptive loss (``loss_space="x0"``, default; §3.3 "adaptive loss
+  weighting") vs the paper's velocity-space Eq. 5 (``loss_space="v"``, no extra scale);
+* the code scales the policy loss by ``A_max/β`` and adds ``kl_coef·mean((v_θ − v_ref)²)``
+  with ``kl_coef = 1e-4`` (absent from the paper; set ``kl_coef=0`` for the paper's objective);
+* training timesteps: the sampler's own schedule with one random step dropped per sample and
+  fresh noise per (sample, step) (``timesteps="schedule"``, default); uniform or logit-normal t
+  as options.
+
+After each collection's optimizer step(s) the sampling policy is soft-updated,
+``θ_old ← η·θ_old + (1 − η)·θ`` (decay type 1: ``η = min(0.001·step, 0.5)``; type 2, the OCR
+schedule; type 0: η = 0), and an EMA of θ is what evaluation uses (the harness's EMA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from benchmarks.base import Prompt
+from harness.advantages import StdMode, group_advantages
+from harness.optim import Optimization
+from harness.policy import Policy, iter_batches
+from harness.rollout import rollout
+from harness.samplers import flow_schedule, make_sampler
+from methods.base import Rollout
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionNFTConfig:
+    """DiffusionNFT hyperparameters; defaults follow the official GenEval config (``config/nft.py``)."""
+
+    beta: float = 1.0  # β, guidance strength of the implicit policies (0.1 for OCR / multi-reward)
+    kl_coef: float = 1e-4  # λ_KL on mean((v_θ − v_ref)²); official ``train.beta``, not in the paper
+    adv_clip_max: float = 5.0  # A_max
+    std: StdMode = "global"  # one reward std over the batch (official) or per prompt group
+    loss_space: Literal["x0", "v"] = "x0"  # official x0-space adaptive loss, or the paper's Eq. 5
+    sampler: str = "dpm2"  # any solver: NFT needs only clean samples
+    num_steps: int = 10  # collection steps
+    shift: float = 1.0  # time shift of the sampling schedule (SD3.5 uses 3 inside its adapter)
+    guidance_scale: float = 1.0  # CFG-free collection, as the paper
+    timesteps: Literal["schedule", "uniform", "logit_normal"] = "schedule"
+    timestep_fraction: float = 0.99  # keep int(N·fraction) of the N schedule steps per sample
+    decay_type: Literal[0, 1, 2] = 1  # soft-update schedule of θ_old
+    optimizer_steps_per_iteration: int = 1  # 2 for OCR in the official code
+    train_batch_size: int = 64
+    ema_interval: int = 1
+
+
+def optimality_probability(
+    rewards: Tensor, group_ids: Tensor, adv_clip_max: float = 5.0, std: StdMode = "global"
+) -> Tensor:
+    """``r = 0.5 + clip(A, ±A_max)/(2·A_max)`` with A the per-prompt-centred reward over the std + 1e-4.
+
+    DiffusionNFT Alg. 1 lines 4–5; the official code (``stat_tracking.py``, ``global_std=True``)
+    centres per prompt and divides by one std over the whole batch.
+    """
+    advantages = group_advantages(rewards, group_ids, std=std).clamp(-adv_clip_max, adv_clip_max)
+    return (0.5 + advantages / (2 * adv_clip_max)).clamp(0.0, 1.0)
+
+
+def _mean_nonbatch(x: Tensor) -> Tensor:
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def nft_loss(
+    v_theta: Tensor,
+    v_old: Tensor,
+    v_ref: Tensor,
+    x0: Tensor,
+    x_t: Tensor,
+    t: Tensor,
+    r: Tensor,
+    *,
+    beta: float,
+    kl_coef: float = 1e-4,
+    adv_clip_max: float = 5.0,
+    loss_space: Literal["x0", "v"] = "x0",
+) -> Tensor:
+    """The NFT objective (DiffusionNFT Thm 3.2 / Eq. 5; official x0-space form by default). Scalar.
+
+    With ``v⁺ = (1 − β)v_old + βv_θ`` and ``v⁻ = (1 + β)v_old − βv_θ``:
+
+    * ``"x0"`` (official): ``x̂0^± = x_t − t·v^±``; each branch's mean squared error over
+      non-batch dims is divided by ``sg(max(mean|x̂0^± − x0|, 1e-5))`` (float64), combined as
+      ``(A_max/β)·[r·L⁺ + (1 − r)·L⁻]`` and averaged over the batch;
+    * ``"v"`` (paper Eq. 5): ``r·‖v⁺ − v‖² + (1 − r)·‖v⁻ − v‖²`` (mean over dims), ``v = (x_t − x0)/t``.
+
+    Both add ``kl_coef·mean((v_θ − v_ref)²)``. ``v_old`` and ``v_ref`` are treated as constants.
+    """
+    if t.ndim != 1 or t.shape[0] != x0.shape[0]:
+        raise ValueError(f"t must have shape (B,) = ({x0.shape[0]},), got {tuple(t.shape)}")
+    if loss_space not in ("x0", "v"):
+        raise ValueError(f"loss_space must be 'x0' or 'v', got {loss_space!r}")
+    v_old, v_ref = v_old.detach(), v_ref.detach()
+    t_ = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    v_pos = (1 - beta) * v_old + beta * v_theta
+    v_neg = (1 + beta) * v_old - beta * v_theta
+    if loss_space == "x0":
+        losses = []
+        for v_branch in (v_pos, v_neg):
+            error = (x_t - t_ * v_branch) - x0
+            weight = _mean_nonbatch(error.double().abs()).clamp(min=1e-5).detach()
+            losses.append(_mean_nonbatch(error**2) / weight.to(error.dtype))
+        policy_loss = (adv_clip_max / beta) * (r * losses[0] + (1 - r) * losses[1])
+    else:
+        target = (x_t - x0) / t_
+        policy_loss = r * _mean_nonbatch((v_pos - target) ** 2) + (1 - r) * _mean_nonbatch((v_neg - target) ** 2)
+    kl = ((v_theta - v_ref) ** 2).mean()
+    return policy_loss.mean() + kl_coef * kl
+
+
+def soft_update_eta(step: int, decay_type: int) -> float:
+    """η of ``θ_old ← η·θ_old + (1 − η)·θ`` after ``step`` optimizer steps (official ``return_decay``)."""
+    if decay_type == 0:
+        return 0.0
+    if decay_type == 1:
+        return min(0.001 * step, 0.5)
+    if decay_type == 2:
+        return 0.0 if step < 75 else min(0.0075 * (step - 75), 0.999)
+    raise ValueError(f"decay_type must be 0, 1 or 2, got {decay_type}")
+
+
+class DiffusionNFT:
+    """DiffusionNFT on the common interface (see the module docstring)."""
+
+    Config: ClassVar[type] = DiffusionNFTConfig
+    needs_log_prob: ClassVar[bool] = False
+
+    def __init__(self, cfg: DiffusionNFTConfig, policy: Policy, optim: Optimization) -> None:
+        if not cfg.beta > 0:
+            raise ValueError(f"beta must be > 0, got {cfg.beta}")
+        self.cfg, self.policy, self.optim = cfg, policy, optim
+        self.sampler = make_sampler(cfg.sampler)
+        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        policy.update_old(0.0)  # θ_old ← θ before the first collection
+
+    def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
+        texts = [p.text for p in prompts]
+        noise = torch.randn((len(texts), *self.policy.sample_shape), generator=generator)
+        with self.policy.use_weights("old"):
+            cond = self.policy.encode(texts)
+            uncond = self.policy.encode([""] * len(texts)) if self.cfg.guidance_scale != 1.0 else None
+            x0 = rollout(self.policy, self.sampler, cond, noise, self.schedule, guidance_scale=self.cfg.guidance_scale,
+                         uncond=uncond, generator=generator).x0  # fmt: skip
+        return Rollout(list(prompts), group_ids, cond, x0)
+
+    def training_times(self, batch: int, generator: torch.Generator) -> Tensor:
+        """(batch, K) training times per sample (official: the schedule minus one random step)."""
+        cfg = self.cfg
+        steps = self.schedule[:-1]  # the N sampling times, t = 1 … t_{N−1}; never t = 0
+        keep = max(1, int(len(steps) * cfg.timestep_fraction))
+        if cfg.timesteps == "schedule":
+            order = torch.stack([torch.randperm(len(steps), generator=generator)[:keep] for _ in range(batch)])
+            return steps[order]
+        if cfg.timesteps == "uniform":
+            return torch.rand(batch, keep, generator=generator)
+        return torch.sigmoid(torch.randn(batch, keep, generator=generator))
+
+    def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
+        cfg, policy = self.cfg, self.policy
+        r = optimality_probability(rewards, rollout.group_ids, cfg.adv_clip_max, cfg.std)
+        n = rollout.x0.shape[0]
+        logs: dict[str, float] = {"train/r_mean": r.mean().item()}
+        chunks = [list(range(n))[s] for s in iter_batches(n, -(-n // cfg.optimizer_steps_per_iteration))]
+        for chunk in chunks:
+            idx = torch.tensor(chunk)
+            times = self.training_times(len(chunk), generator)  # (b, K)
+            passes = len(list(iter_batches(len(chunk), cfg.train_batch_size))) * times.shape[1]
+            total, total_kl = 0.0, 0.0
+            for k in range(times.shape[1]):
+                for batch in iter_batches(len(chunk), cfg.train_batch_size):
+                    sel = idx[batch]
+                    x0, t = rollout.x0[sel], times[batch, k]
+                    noise = torch.randn(x0.shape, generator=generator)
+                    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+                    cond = rollout.cond[sel]
+                    with torch.no_grad(), policy.use_weights("old"):
+                        v_old = policy.velocity(x_t, t, cond)
+                    v_theta = policy.velocity(x_t, t, cond)
+                    with torch.no_grad(), policy.use_weights("ref"):
+                        v_ref = policy.velocity(x_t, t, cond)
+                    loss = nft_loss(v_theta, v_old, v_ref, x0, x_t, t, r[sel], beta=cfg.beta, kl_coef=cfg.kl_coef,
+                                    adv_clip_max=cfg.adv_clip_max, loss_space=cfg.loss_space)  # fmt: skip
+                    self.optim.backward(loss, scale=1.0 / passes)
+                    total += loss.item() / passes
+                    total_kl += ((v_theta.detach() - v_ref) ** 2).mean().item() / passes
+            logs["train/grad_norm"] = self.optim.step()
+            logs["train/loss"], logs["train/kl"] = total, total_kl
+        eta = soft_update_eta(self.optim.global_step, cfg.decay_type)
+        policy.update_old(eta)
+        logs["train/eta"] = eta
+        return logs

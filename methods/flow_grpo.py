@@ -1,0 +1,155 @@
+"""FlowGRPO: GRPO on the reverse process of a flow model (Liu et al., arXiv 2505.05470, NeurIPS 2025).
+
+Rollouts run the Flow-SDE sampler (Eq. 9, σ_t = a·sqrt(t/(1 − t)), a = 0.7) and store the latents
+and each transition's log-prob (a mean over non-batch dims, in fp32, as the official code). The
+loss is PPO's clipped surrogate on the per-step ratio (Eq. 4–5) with group-relative advantages,
+plus a KL to the frozen reference:
+
+    KL = mean_dims(μ_θ − μ_ref)² / (2·σ_t²)
+
+as the official ``scripts/train_sd3.py`` computes it. The paper's Eq. 10 divides by σ_t²·Δt and
+sums over dims; the code omits Δt (absorbed into β, issues #22/#78) and averages: we follow the
+code. Training covers every SDE transition but the last (``timestep_fraction = 0.99``). CFG is
+set separately for the rollout, the training log-prob and evaluation (official: 4.5, empty-string
+negative prompt).
+
+This module re-exports :func:`harness.samplers.flow_sde_step`, the sampler step with log-prob
+that rollouts and the loss share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from benchmarks.base import Prompt
+from harness.advantages import StdMode, group_advantages, zero_std_groups
+from harness.optim import Optimization
+from harness.policy import Policy, guided_velocity, iter_batches
+from harness.rollout import rollout
+from harness.samplers import FlowSDE, flow_schedule, flow_sde_step
+from methods.base import Rollout
+
+__all__ = ["FlowGRPO", "FlowGRPOConfig", "flow_sde_step", "grpo_loss"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowGRPOConfig:
+    """FlowGRPO hyperparameters; defaults follow the official SD3.5 GenEval config."""
+
+    noise_level: float = 0.7  # a in σ_t = a·sqrt(t/(1 − t))
+    num_steps: int = 10  # collection steps T
+    shift: float = 1.0
+    timestep_fraction: float = 0.99  # train on int(T·fraction) transitions: all but the last
+    clip_range: float = 1e-4  # ε of the clipped ratio
+    adv_clip_max: float = 5.0
+    std: StdMode = "global"
+    kl_coef: float = 0.04  # β_KL: 0.04 GenEval/OCR, 0.01 PickScore
+    rollout_cfg: float = 4.5  # CFG scale for the rollouts
+    train_cfg: float = 4.5  # CFG scale inside the training log-prob (must match the rollout's)
+    optimizer_steps_per_iteration: int = 1  # official: 2 per epoch of 48 groups
+    train_batch_size: int = 64
+    ema_interval: int = 8
+    check_on_policy: bool = False  # debug: assert the first ratio of each collection is 1
+
+
+def grpo_loss(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *, clip_range: float, kl: Tensor | None = None, kl_coef: float = 0.0
+) -> Tensor:
+    """PPO clipped surrogate (Schulman et al. 2017, Eq. 7) on the per-step ratio, plus ``kl_coef·mean(kl)``.
+
+    ``mean(max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε)))`` with ``ρ = exp(log_prob − old_log_prob)``; all (B,).
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    if kl is not None:
+        loss = loss + kl_coef * kl.mean()
+    return loss
+
+
+class FlowGRPO:
+    """FlowGRPO on the common interface (see the module docstring)."""
+
+    Config: ClassVar[type] = FlowGRPOConfig
+    needs_log_prob: ClassVar[bool] = True
+
+    def __init__(self, cfg: FlowGRPOConfig, policy: Policy, optim: Optimization) -> None:
+        if cfg.rollout_cfg != cfg.train_cfg:
+            # Ratios compare the training log-prob with the rollout's: different guidance makes them off-policy.
+            raise ValueError(f"rollout_cfg ({cfg.rollout_cfg}) and train_cfg ({cfg.train_cfg}) must match")
+        self.cfg, self.policy, self.optim = cfg, policy, optim
+        self.sampler = FlowSDE(cfg.noise_level)
+        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+
+    def _uncond(self, n: int):
+        return self.policy.encode([""] * n) if self.cfg.rollout_cfg != 1.0 else None
+
+    def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
+        texts = [p.text for p in prompts]
+        noise = torch.randn((len(texts), *self.policy.sample_shape), generator=generator)
+        cond = self.policy.encode(texts)  # on-policy: sample with θ itself
+        trajectory = rollout(self.policy, self.sampler, cond, noise, self.schedule, guidance_scale=self.cfg.rollout_cfg,
+                             uncond=self._uncond(len(texts)), generator=generator, keep_trajectory=True)  # fmt: skip
+        return Rollout(list(prompts), group_ids, cond, trajectory.x0, trajectory)
+
+    def _step_terms(self, latents: Tensor, sel: Tensor, j: int, cond, uncond) -> tuple[Tensor, Tensor, Tensor]:
+        """Log-prob under θ of stored transition j, its mean, and σ_t (without sqrt(−dt))."""
+        x, x_next = latents[sel, j], latents[sel, j + 1]
+        t = self.schedule[j].expand(len(sel))
+        v = guided_velocity(self.policy, x, t, cond, uncond, self.cfg.train_cfg)
+        _, log_prob, mean, std_dev_t = flow_sde_step(v, x, self.schedule[j], self.schedule[j + 1],
+                                                     noise_level=self.cfg.noise_level, prev_sample=x_next)  # fmt: skip
+        return log_prob, mean, std_dev_t
+
+    def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
+        cfg, policy = self.cfg, self.policy
+        trajectory = rollout.trajectory
+        if trajectory is None or trajectory.log_probs is None or trajectory.latents is None:
+            raise ValueError("FlowGRPO needs rollouts with latents and log-probs (a stochastic sampler)")
+        advantages = group_advantages(rewards, rollout.group_ids, std=cfg.std).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        dropped = zero_std_groups(rewards, rollout.group_ids)
+        keep = (~dropped).nonzero().flatten()
+        logs: dict[str, float] = {"train/zero_std_ratio": dropped.float().mean().item()}
+        if len(keep) == 0:
+            logs["train/skipped"] = 1.0  # every group had all-equal rewards: no signal, no step
+            return logs
+        n_train = max(1, int(cfg.num_steps * cfg.timestep_fraction))
+        chunks = [keep[s] for s in iter_batches(len(keep), -(-len(keep) // cfg.optimizer_steps_per_iteration))]
+        stats = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
+        first_check = cfg.check_on_policy
+        for chunk in chunks:
+            batches = list(iter_batches(len(chunk), cfg.train_batch_size))
+            passes = len(batches) * n_train
+            for j in range(n_train):
+                for batch in batches:
+                    sel = chunk[batch]
+                    cond = rollout.cond[sel]
+                    uncond = self._uncond(len(sel))
+                    log_prob, mean, std_dev_t = self._step_terms(trajectory.latents, sel, j, cond, uncond)
+                    old_log_prob = trajectory.log_probs[sel, j]
+                    if first_check:
+                        ratio = torch.exp(log_prob.detach() - old_log_prob)
+                        if not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5):
+                            raise AssertionError(f"on-policy check: first ratio deviates from 1 by {(ratio - 1).abs().max():.2e}")
+                        first_check = False
+                    kl = None
+                    if cfg.kl_coef > 0:
+                        with torch.no_grad(), policy.use_weights("ref"):
+                            _, mean_ref, _ = self._step_terms(trajectory.latents, sel, j, cond, uncond)
+                        kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std_dev_t.flatten() ** 2)
+                    loss = grpo_loss(log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef)
+                    self.optim.backward(loss, scale=1.0 / passes)
+                    ratio = torch.exp(log_prob.detach() - old_log_prob)
+                    stats["policy_loss"] += (loss.item() - (cfg.kl_coef * kl.mean().item() if kl is not None else 0.0)) / passes
+                    stats["kl"] += (kl.mean().item() if kl is not None else 0.0) / passes
+                    stats["approx_kl"] += 0.5 * ((log_prob.detach() - old_log_prob) ** 2).mean().item() / passes
+                    stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().mean().item() / passes
+            logs["train/grad_norm"] = self.optim.step()
+        logs.update({f"train/{k}": v / len(chunks) for k, v in stats.items()})
+        return logs

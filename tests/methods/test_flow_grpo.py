@@ -1,0 +1,92 @@
+"""FlowGRPO's pure functions, the on-policy ratio, dropped groups and the meter's counts."""
+
+import pytest
+import torch
+
+from benchmarks.base import Prompt
+from benchmarks.shapes.world import make_metadata
+from harness.compute import CountingPolicy, Ledger
+from harness.optim import OptimConfig, Optimization
+from methods.flow_grpo import FlowGRPO, FlowGRPOConfig, flow_sde_step, grpo_loss
+
+
+def test_flow_sde_step_reexported_with_official_semantics():
+    x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    prev, log_prob, mean, std_dev_t = flow_sde_step(v, x, 0.5, 0.4, noise_level=1e-9, noise=torch.randn_like(x))
+    assert torch.allclose(prev, x + (0.4 - 0.5) * v, atol=1e-5)
+    _, log_prob, mean, std_dev_t = flow_sde_step(v, x, 0.5, 0.4, prev_sample=prev)
+    std = std_dev_t * 0.1**0.5
+    assert torch.allclose(log_prob, torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3)), atol=1e-5)
+
+
+def test_grpo_loss_clip_and_kl():
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    old = torch.zeros(3)
+    # ratio 1: loss = −mean(A)
+    assert grpo_loss(old, old, adv, clip_range=0.2).item() == pytest.approx(-2 / 3)
+    # ratio e^0.5 ≈ 1.65 clipped to 1.2 for A > 0 (min of the objective), unclipped for A < 0 (pessimistic)
+    lp = torch.full((3,), 0.5)
+    ratio = torch.exp(torch.tensor(0.5)).item()
+    expected = (-1.0 * 1.2 + 1.0 * ratio - 2.0 * 1.2) / 3
+    assert grpo_loss(lp, old, adv, clip_range=0.2).item() == pytest.approx(expected, rel=1e-6)
+    assert grpo_loss(old, old, adv, clip_range=0.2, kl=torch.tensor([1.0, 2.0, 3.0]), kl_coef=0.1).item() == pytest.approx(-2 / 3 + 0.2)
+    # Zero advantage, zero policy gradient.
+    lp = torch.zeros(3, requires_grad=True)
+    grpo_loss(lp, old, torch.zeros(3), clip_range=1e-4).backward()
+    assert lp.grad.abs().max() == 0
+
+
+def prompts(n_groups: int, group_size: int) -> tuple[list[Prompt], torch.Tensor]:
+    md = [make_metadata("single_object", (s,)) for s in ("circle", "square", "triangle", "diamond")][:n_groups]
+    expanded = [Prompt(m["prompt"], m) for m in md for _ in range(group_size)]
+    return expanded, torch.arange(n_groups).repeat_interleave(group_size)
+
+
+def make(tiny_policy, **overrides):
+    ledger = Ledger()
+    policy = CountingPolicy(tiny_policy, ledger)
+    cfg = FlowGRPOConfig(num_steps=3, train_batch_size=64, **overrides)
+    return FlowGRPO(cfg, policy, Optimization(policy.trainable_parameters(), OptimConfig(lr=1e-3))), ledger
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 4.5])
+def test_first_ratio_is_one_on_policy_and_the_meter_counts(tiny_policy, cfg_scale):
+    method, ledger = make(tiny_policy, check_on_policy=True, rollout_cfg=cfg_scale, train_cfg=cfg_scale)
+    expanded, groups = prompts(2, 3)
+    with ledger.phase("sampling"):
+        rollout = method.collect(expanded, groups, torch.Generator().manual_seed(0))
+    cfg_factor = 2 if cfg_scale != 1.0 else 1
+    assert ledger.forward["sampling"] == 6 * 3 * cfg_factor
+    latents, steps = rollout.trajectory.latents, method.schedule
+    x, x_next = latents[:, 0], latents[:, 1]
+    with torch.no_grad():
+        from harness.policy import guided_velocity
+
+        v = guided_velocity(method.policy, x, steps[0].expand(6), rollout.cond, method._uncond(6), cfg_scale)
+        _, log_prob, _, _ = flow_sde_step(v, x, steps[0], steps[1], prev_sample=x_next)
+    assert torch.equal(log_prob, rollout.trajectory.log_probs[:, 0])  # exactly the rollout's log-prob
+    rewards = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.4, 0.3])
+    with ledger.phase("training"):
+        logs = method.update(rollout, rewards, torch.Generator().manual_seed(1))
+    n_train = int(3 * 0.99)  # all transitions but the last
+    # θ with grad (plus its CFG branch) and the reference without, per sample-step.
+    assert ledger.forward["training"] == 6 * n_train * (cfg_factor + cfg_factor)
+    assert ledger.backward["training"] == 6 * n_train * cfg_factor
+    assert logs["train/zero_std_ratio"] == 0.0 and logs["train/approx_kl"] < 1e-10
+
+
+def test_all_equal_groups_are_dropped(tiny_policy):
+    method, ledger = make(tiny_policy, rollout_cfg=1.0, train_cfg=1.0, kl_coef=0.0)
+    expanded, groups = prompts(2, 3)
+    rollout = method.collect(expanded, groups, torch.Generator().manual_seed(0))
+    with ledger.phase("training"):
+        logs = method.update(rollout, torch.tensor([1.0, 1.0, 1.0, 0.2, 0.5, 0.9]), torch.Generator())
+    assert logs["train/zero_std_ratio"] == 0.5
+    assert ledger.forward["training"] == 3 * 2  # only the informative group trains (no ref: kl_coef 0)
+    logs = method.update(rollout, torch.ones(6), torch.Generator())
+    assert logs["train/skipped"] == 1.0 and method.optim.global_step == 1
+
+
+def test_mismatched_cfg_is_refused(tiny_policy):
+    with pytest.raises(ValueError, match="must match"):
+        make(tiny_policy, rollout_cfg=4.5, train_cfg=1.0)
