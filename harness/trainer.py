@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 class LoopConfig:
     """Batch geometry, budget and eval schedule of one training run."""
 
-    iterations: int = 20
+    iterations: int = 20  # the cap on iterations
+    budget_fwd_equiv: int = 0  # also stop once this many forward-equivalents are spent (0: no budget)
     prompts_per_iteration: int = 16
     images_per_prompt: int = 8  # group size
     seed: int = 0
@@ -111,6 +112,9 @@ def train(
                **logs, "compute/fwd_equiv": ledger.fwd_equiv, "time/elapsed": time.perf_counter() - started}  # fmt: skip
         iterations.append(row)
         bar.set_postfix(reward=f"{row['train/reward_mean']:.3f}")
-        if (loop.eval_every and iteration % loop.eval_every == 0) or iteration == loop.iterations:
+        done = iteration == loop.iterations or 0 < loop.budget_fwd_equiv <= ledger.fwd_equiv
+        if done or (loop.eval_every and iteration % loop.eval_every == 0):
             evaluate(iteration)
+        if done:
+            break
     return TrainResult(iterations, evaluations, ledger)
