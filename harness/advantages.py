@@ -21,7 +21,9 @@ def group_means(values: Tensor, group_ids: Tensor) -> Tensor:
     _, inverse = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inverse.max()) + 1
     sums = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, values.double())
-    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values, dtype=torch.float64))
+    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(values, dtype=torch.float64)
+    )
     return (sums / counts)[inverse]
 
 

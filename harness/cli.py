@@ -115,11 +115,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     method_cls = METHODS.get(args.method)
     method_cfg = build(method_cls.Config, parse_overrides(args.set or []), where=args.method)
-    loop = LoopConfig(iterations=args.iterations, seed=args.seed, eval_every=args.eval_every, budget_fwd_equiv=args.budget)
+    loop = LoopConfig(
+        iterations=args.iterations, seed=args.seed, eval_every=args.eval_every, budget_fwd_equiv=args.budget
+    )
     policy = load_shapes_policy(Path(args.checkpoint) if args.checkpoint else None)
     result = train(args.method, method_cfg, policy, ShapesBenchmark(), ShapesGenEval(), loop, OptimConfig(lr=args.lr))
     for row in result.evaluations:
-        print(f"iteration {row['iteration']:>4}  fwd_equiv {row['compute/fwd_equiv']:>10,}  overall {row['eval/overall']:.3f}")
+        print(
+            f"iteration {row['iteration']:>4}  fwd_equiv {row['compute/fwd_equiv']:>10,}  overall {row['eval/overall']:.3f}"
+        )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +138,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     table = compare(Path(args.out), args.iterations, args.lr, args.seed)
     print(table.read_text())
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness.perf import bench_methods
+
+    print(bench_methods(Path(args.out), args.iterations, args.warmup, args.threads).read_text())
     return 0
 
 
@@ -186,6 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--seed", type=int, default=0)
     p_cmp.add_argument("--out", default="results/shapes_methods")
     p_cmp.set_defaults(func=cmd_compare)
+
+    p_bench = sub.add_parser("bench", help="speed and memory benchmarks (not tests)")
+    p_bench.add_argument("what", choices=["methods"])
+    p_bench.add_argument("--iterations", type=int, default=2, help="timed iterations per method")
+    p_bench.add_argument("--warmup", type=int, default=1)
+    p_bench.add_argument("--threads", type=int, default=2)
+    p_bench.add_argument("--out", default="results/bench")
+    p_bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -54,7 +54,9 @@ def compare(out: Path, iterations: int, lr: float, seed: int, variants: tuple[Va
     for variant in variants:
         run_loop = loop if not budget else replace(loop, iterations=100 * iterations, budget_fwd_equiv=budget)
         started = time.perf_counter()
-        result = train(variant.method, variant.config, load_shapes_policy(), benchmark, reward, run_loop, OptimConfig(lr=lr))
+        result = train(
+            variant.method, variant.config, load_shapes_policy(), benchmark, reward, run_loop, OptimConfig(lr=lr)
+        )
         seconds[variant.label] = time.perf_counter() - started
         results[variant.label] = result
         budget = budget or result.ledger.fwd_equiv
@@ -68,10 +70,17 @@ def compare(out: Path, iterations: int, lr: float, seed: int, variants: tuple[Va
 def _write_table(out: Path, results: dict[str, TrainResult], seconds: dict[str, float], variants: tuple[Variant, ...],
                  iterations: int, lr: float, seed: int) -> None:  # fmt: skip
     first = results[variants[0].label].evaluations[0]
-    tasks = [k[5:] for k in first if k.startswith("eval/") and k[5:] not in ("overall", "strict_overall", "partial_overall")]
+    tasks = [
+        k[5:] for k in first if k.startswith("eval/") and k[5:] not in ("overall", "strict_overall", "partial_overall")
+    ]
     header = "| run | iterations | fwd_equiv | overall | " + " | ".join(tasks) + " | wall s |"
     lines = [header, "|" + "---|" * (5 + len(tasks))]
-    lines.append("| base (no CFG) | 0 | 0 | " + f"{first['eval/overall']:.3f} | " + " | ".join(f"{first['eval/' + t]:.3f}" for t in tasks) + " | |")
+    lines.append(
+        "| base (no CFG) | 0 | 0 | "
+        + f"{first['eval/overall']:.3f} | "
+        + " | ".join(f"{first['eval/' + t]:.3f}" for t in tasks)
+        + " | |"
+    )
     for variant in variants:
         final = results[variant.label].evaluations[-1]
         lines.append(

@@ -40,7 +40,9 @@ class Optimization:
         if not self.parameters:
             raise ValueError("the policy has no trainable parameters")
         self.cfg = cfg
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps
+        )
         self.ema = EMA(self.parameters, max_decay=cfg.ema_max_decay, interval=ema_interval)
         self.global_step = 0
 

@@ -40,6 +40,7 @@ class LoopConfig:
     images_per_prompt: int = 8  # group size
     seed: int = 0
     eval_every: int = 0  # iterations between evaluations (0: only before and after training)
+    evaluate: bool = True  # False only for speed measurements
     eval_sampler: str = "euler"
     eval: EvalSettings = field(default_factory=EvalSettings)
 
@@ -86,6 +87,8 @@ def train(
     evaluations: list[dict[str, float]] = []
 
     def evaluate(iteration: int) -> None:
+        if not loop.evaluate:
+            return
         with ledger.phase("eval"), optim.ema.applied():
             output = evaluate_policy(counted, benchmark, eval_sampler, loop.eval, progress=False)
         row = {"iteration": iteration, "optimizer_steps": optim.global_step, **ledger.snapshot(),

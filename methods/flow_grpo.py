@@ -58,7 +58,13 @@ class FlowGRPOConfig:
 
 
 def grpo_loss(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *, clip_range: float, kl: Tensor | None = None, kl_coef: float = 0.0
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    *,
+    clip_range: float,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> Tensor:
     """PPO clipped surrogate (Schulman et al. 2017, Eq. 7) on the per-step ratio, plus ``kl_coef·mean(kl)``.
 
@@ -112,7 +118,9 @@ class FlowGRPO:
         trajectory = rollout.trajectory
         if trajectory is None or trajectory.log_probs is None or trajectory.latents is None:
             raise ValueError("FlowGRPO needs rollouts with latents and log-probs (a stochastic sampler)")
-        advantages = group_advantages(rewards, rollout.group_ids, std=cfg.std).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        advantages = group_advantages(rewards, rollout.group_ids, std=cfg.std).clamp(
+            -cfg.adv_clip_max, cfg.adv_clip_max
+        )
         dropped = zero_std_groups(rewards, rollout.group_ids)
         keep = (~dropped).nonzero().flatten()
         logs: dict[str, float] = {"train/zero_std_ratio": dropped.float().mean().item()}
@@ -136,17 +144,25 @@ class FlowGRPO:
                     if first_check:
                         ratio = torch.exp(log_prob.detach() - old_log_prob)
                         if not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5):
-                            raise AssertionError(f"on-policy check: first ratio deviates from 1 by {(ratio - 1).abs().max():.2e}")
+                            raise AssertionError(
+                                f"on-policy check: first ratio deviates from 1 by {(ratio - 1).abs().max():.2e}"
+                            )
                         first_check = False
                     kl = None
                     if cfg.kl_coef > 0:
                         with torch.no_grad(), policy.use_weights("ref"):
                             _, mean_ref, _ = self._step_terms(trajectory.latents, sel, j, cond, uncond)
-                        kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std_dev_t.flatten() ** 2)
-                    loss = grpo_loss(log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef)
+                        kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (
+                            2 * std_dev_t.flatten() ** 2
+                        )
+                    loss = grpo_loss(
+                        log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef
+                    )
                     self.optim.backward(loss, scale=1.0 / passes)
                     ratio = torch.exp(log_prob.detach() - old_log_prob)
-                    stats["policy_loss"] += (loss.item() - (cfg.kl_coef * kl.mean().item() if kl is not None else 0.0)) / passes
+                    stats["policy_loss"] += (
+                        loss.item() - (cfg.kl_coef * kl.mean().item() if kl is not None else 0.0)
+                    ) / passes
                     stats["kl"] += (kl.mean().item() if kl is not None else 0.0) / passes
                     stats["approx_kl"] += 0.5 * ((log_prob.detach() - old_log_prob) ** 2).mean().item() / passes
                     stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().mean().item() / passes

@@ -42,7 +42,9 @@ def test_errors_name_the_key(values, message):
 
 
 def test_method_config_overrides():
-    cfg = build(DiffusionNFTConfig, parse_overrides(["beta=0.1", "decay_type=2", "loss_space=v"]), where="diffusion_nft")
+    cfg = build(
+        DiffusionNFTConfig, parse_overrides(["beta=0.1", "decay_type=2", "loss_space=v"]), where="diffusion_nft"
+    )
     assert (cfg.beta, cfg.decay_type, cfg.loss_space) == (0.1, 2, "v")
     with pytest.raises(ConfigError, match="diffusion_nft.decay_type = 3; allowed: 0, 1, 2"):
         build(DiffusionNFTConfig, {"decay_type": 3}, where="diffusion_nft")

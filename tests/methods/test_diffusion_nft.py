@@ -15,9 +15,13 @@ def test_optimality_probability_official_formula():
     assert torch.allclose(r, 0.5 + expected_adv.clamp(-5, 5) / 10, atol=1e-6)
     # Per-group std: the second group has zero spread, so its advantages stay 0.
     r_group = optimality_probability(rewards, groups, std="group")
-    assert torch.allclose(r_group, torch.tensor([0.5 + (0.5 / (0.5 + 1e-4)) / 10, 0.5 - (0.5 / (0.5 + 1e-4)) / 10, 0.5, 0.5]), atol=1e-6)
+    assert torch.allclose(
+        r_group, torch.tensor([0.5 + (0.5 / (0.5 + 1e-4)) / 10, 0.5 - (0.5 / (0.5 + 1e-4)) / 10, 0.5, 0.5]), atol=1e-6
+    )
     # Clipping at ±A_max.
-    assert optimality_probability(torch.tensor([100.0, 0.0, 0.0, 0.0]), torch.zeros(4, dtype=torch.long), 1.0).max() == 1.0
+    assert (
+        optimality_probability(torch.tensor([100.0, 0.0, 0.0, 0.0]), torch.zeros(4, dtype=torch.long), 1.0).max() == 1.0
+    )
 
 
 def small_case(seed=0, batch=3, shape=(2, 3, 3)):
@@ -90,7 +94,11 @@ def test_bad_arguments():
 def test_soft_update_schedules():
     assert soft_update_eta(10, 0) == 0.0
     assert soft_update_eta(100, 1) == pytest.approx(0.1) and soft_update_eta(800, 1) == 0.5
-    assert soft_update_eta(74, 2) == 0.0 and soft_update_eta(85, 2) == pytest.approx(0.075) and soft_update_eta(10**4, 2) == 0.999
+    assert (
+        soft_update_eta(74, 2) == 0.0
+        and soft_update_eta(85, 2) == pytest.approx(0.075)
+        and soft_update_eta(10**4, 2) == 0.999
+    )
     with pytest.raises(ValueError, match="decay_type"):
         soft_update_eta(1, 3)
 

@@ -29,7 +29,9 @@ def test_grpo_loss_clip_and_kl():
     ratio = torch.exp(torch.tensor(0.5)).item()
     expected = (-1.0 * 1.2 + 1.0 * ratio - 2.0 * 1.2) / 3
     assert grpo_loss(lp, old, adv, clip_range=0.2).item() == pytest.approx(expected, rel=1e-6)
-    assert grpo_loss(old, old, adv, clip_range=0.2, kl=torch.tensor([1.0, 2.0, 3.0]), kl_coef=0.1).item() == pytest.approx(-2 / 3 + 0.2)
+    assert grpo_loss(
+        old, old, adv, clip_range=0.2, kl=torch.tensor([1.0, 2.0, 3.0]), kl_coef=0.1
+    ).item() == pytest.approx(-2 / 3 + 0.2)
     # Zero advantage, zero policy gradient.
     lp = torch.zeros(3, requires_grad=True)
     grpo_loss(lp, old, torch.zeros(3), clip_range=1e-4).backward()
