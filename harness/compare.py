@@ -20,7 +20,7 @@ from harness.optim import OptimConfig
 from harness.trainer import LoopConfig, TrainResult, train
 from methods.diffusion_nft import DiffusionNFTConfig
 from methods.flow_grpo import FlowGRPOConfig
-from rewards.shapes import ShapesGenEval
+from rewards.shapes import Judgement, ShapesGenEval
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,13 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
 
 
-def compare(out: Path, iterations: int, lr: float, seed: int, variants: tuple[Variant, ...] = DEFAULT_VARIANTS) -> Path:
+def compare(
+    out: Path, iterations: int, lr: float, seed: int, judgement: Judgement = "correct",
+    variants: tuple[Variant, ...] = DEFAULT_VARIANTS,
+) -> Path:  # fmt: skip
     """Run every variant; the first one's spent compute is the budget of the others."""
     out.mkdir(parents=True, exist_ok=True)
-    benchmark, reward = ShapesBenchmark(), ShapesGenEval()
+    benchmark, reward = ShapesBenchmark(), ShapesGenEval(judgement=judgement)
     loop = LoopConfig(iterations=iterations, seed=seed)
     results: dict[str, TrainResult] = {}
     seconds: dict[str, float] = {}
@@ -63,16 +66,14 @@ def compare(out: Path, iterations: int, lr: float, seed: int, variants: tuple[Va
         with (out / f"{variant.label}.jsonl").open("w") as f:
             for row in result.iterations + result.evaluations:
                 f.write(json.dumps(_jsonable(row)) + "\n")
-    _write_table(out, results, seconds, variants, iterations, lr, seed)
+    _write_table(out, results, seconds, variants, iterations, lr, seed, judgement)
     return out / "table.md"
 
 
 def _write_table(out: Path, results: dict[str, TrainResult], seconds: dict[str, float], variants: tuple[Variant, ...],
-                 iterations: int, lr: float, seed: int) -> None:  # fmt: skip
+                 iterations: int, lr: float, seed: int, judgement: str) -> None:  # fmt: skip
     first = results[variants[0].label].evaluations[0]
-    tasks = [
-        k[5:] for k in first if k.startswith("eval/") and k[5:] not in ("overall", "strict_overall", "partial_overall")
-    ]
+    tasks = [k[5:] for k in first if k.startswith("eval/") and k[5:] != "overall"]  # tasks, strict, partial
     header = "| run | iterations | fwd_equiv | overall | " + " | ".join(tasks) + " | wall s |"
     lines = [header, "|" + "---|" * (5 + len(tasks))]
     lines.append(
@@ -91,8 +92,9 @@ def _write_table(out: Path, results: dict[str, TrainResult], seconds: dict[str, 
     configs = {v.label: {"method": v.method, **asdict(v.config)} for v in variants}
     (out / "configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     footer = (
-        f"\nEval: 384 images, 10-step Euler ODE, no CFG, EMA weights. Train: 16 prompts x 8 images per iteration, "
-        f"AdamW lr {lr:g}, seed {seed}. Made by `diffrl compare shapes --iterations {iterations} --lr {lr:g} "
-        f"--seed {seed} --out {out}`.\n"
+        f"\nEval: GenEval accuracy (official rule), 384 images, 10-step Euler ODE, no CFG, EMA weights. "
+        f"Train: reward shapes_geneval/{judgement}, 16 prompts x 8 images per iteration, AdamW lr {lr:g}, seed {seed}; "
+        f"every run after the first stops at the first iteration that reaches the first run's fwd_equiv. "
+        f"Made by `diffrl compare shapes --iterations {iterations} --lr {lr:g} --seed {seed} --judgement {judgement} --out {out}`.\n"
     )
     (out / "table.md").write_text("\n".join(lines) + "\n" + footer)

@@ -99,7 +99,8 @@ def train(
             on_eval(row)
 
     evaluate(0)
-    bar = tqdm(range(1, loop.iterations + 1), desc=method_name, unit="it", disable=not progress)
+    bar = tqdm(range(1, loop.iterations + 1), desc=method_name, unit="it", disable=not progress,
+               total=None if loop.budget_fwd_equiv else loop.iterations)  # fmt: skip
     for iteration in bar:
         prompts = benchmark.train_prompts(loop.prompts_per_iteration, prompt_rng)
         expanded = [p for p in prompts for _ in range(loop.images_per_prompt)]

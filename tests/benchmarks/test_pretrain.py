@@ -48,7 +48,9 @@ def test_committed_base_matches_its_checksum_and_config():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DIFFRL_REPRODUCE"), reason="full pretraining (~10 min on 2 cores): set DIFFRL_REPRODUCE=1")
+@pytest.mark.skipif(
+    not os.environ.get("DIFFRL_REPRODUCE"), reason="full pretraining (~10 min on 2 cores): set DIFFRL_REPRODUCE=1"
+)
 def test_pretraining_reproduces_the_committed_base(tmp_path):
     out = pretrain(PretrainConfig(), tmp_path / "base")
     assert (out / "model.safetensors.sha256").read_text() == (BASE_CHECKPOINT / "model.safetensors.sha256").read_text()

@@ -33,7 +33,9 @@ def test_budget_stops_every_method_at_the_same_compute(tiny_policy):
     loop = LoopConfig(iterations=50, budget_fwd_equiv=300, prompts_per_iteration=2, images_per_prompt=3, evaluate=False)
     bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
     cfg = METHODS.get("diffusion_nft").Config(num_steps=3)
-    result = train("diffusion_nft", cfg, tiny_policy, bench, ShapesGenEval(), loop, OptimConfig(lr=1e-4), progress=False)
+    result = train(
+        "diffusion_nft", cfg, tiny_policy, bench, ShapesGenEval(), loop, OptimConfig(lr=1e-4), progress=False
+    )
     per_iteration = 6 * 3 + 6 * 2 * (3 + 2)  # sampling 6×3; training 6 samples × 2 steps × (3 fwd + 2·1 bwd)
     assert per_iteration == 78
     assert result.ledger.fwd_equiv == per_iteration * 4  # 234 < 300 after three; stops after the fourth
