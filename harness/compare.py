@@ -30,11 +30,12 @@ class Variant:
     label: str
     method: str
     config: Any
+    eval_cfg: float = 1.0  # guidance at evaluation, as the method's official protocol
 
 
 DEFAULT_VARIANTS = (
     Variant("diffusion_nft", "diffusion_nft", DiffusionNFTConfig()),
-    Variant("flow_grpo_cfg4.5", "flow_grpo", FlowGRPOConfig()),
+    Variant("flow_grpo_cfg4.5", "flow_grpo", FlowGRPOConfig(), eval_cfg=4.5),  # official: 4.5 for all three
     Variant("flow_grpo_nocfg", "flow_grpo", FlowGRPOConfig(rollout_cfg=1.0, train_cfg=1.0)),
 )
 
@@ -55,7 +56,9 @@ def compare(
     seconds: dict[str, float] = {}
     budget = 0
     for variant in variants:
-        run_loop = loop if not budget else replace(loop, iterations=100 * iterations, budget_fwd_equiv=budget)
+        run_loop = replace(loop, eval=replace(loop.eval, guidance_scale=variant.eval_cfg))
+        if budget:
+            run_loop = replace(run_loop, iterations=100 * iterations, budget_fwd_equiv=budget)
         started = time.perf_counter()
         result = train(
             variant.method, variant.config, load_shapes_policy(), benchmark, reward, run_loop, OptimConfig(lr=lr)
@@ -74,25 +77,26 @@ def _write_table(out: Path, results: dict[str, TrainResult], seconds: dict[str, 
                  iterations: int, lr: float, seed: int, judgement: str) -> None:  # fmt: skip
     first = results[variants[0].label].evaluations[0]
     tasks = [k[5:] for k in first if k.startswith("eval/") and k[5:] != "overall"]  # tasks, strict, partial
-    header = "| run | iterations | fwd_equiv | overall | " + " | ".join(tasks) + " | wall s |"
-    lines = [header, "|" + "---|" * (5 + len(tasks))]
-    lines.append(
-        "| base (no CFG) | 0 | 0 | "
-        + f"{first['eval/overall']:.3f} | "
-        + " | ".join(f"{first['eval/' + t]:.3f}" for t in tasks)
-        + " | |"
-    )
+    header = "| run | eval CFG | iterations | fwd_equiv | overall | " + " | ".join(tasks) + " | wall s |"
+    lines = [header, "|" + "---|" * (6 + len(tasks))]
+    base_rows: dict[float, dict[str, float]] = {}
+    for variant in variants:  # the base as each eval protocol sees it (iteration 0 of that run)
+        base_rows.setdefault(variant.eval_cfg, results[variant.label].evaluations[0])
+    for scale, row in base_rows.items():
+        cells = " | ".join(f"{row['eval/' + t]:.3f}" for t in tasks)
+        lines.append(f"| base | {scale:g} | 0 | 0 | {row['eval/overall']:.3f} | {cells} | |")
     for variant in variants:
         final = results[variant.label].evaluations[-1]
+        cells = " | ".join(f"{final['eval/' + t]:.3f}" for t in tasks)
         lines.append(
-            f"| {variant.label} | {final['iteration']} | {final['compute/fwd_equiv']:,} | {final['eval/overall']:.3f} | "
-            + " | ".join(f"{final['eval/' + t]:.3f}" for t in tasks)
-            + f" | {seconds[variant.label]:.0f} |"
+            f"| {variant.label} | {variant.eval_cfg:g} | {final['iteration']} | {final['compute/fwd_equiv']:,} | "
+            f"{final['eval/overall']:.3f} | {cells} | {seconds[variant.label]:.0f} |"
         )
     configs = {v.label: {"method": v.method, **asdict(v.config)} for v in variants}
     (out / "configs.json").write_text(json.dumps(configs, indent=2) + "\n")
     footer = (
-        f"\nEval: GenEval accuracy (official rule), 384 images, 10-step Euler ODE, no CFG, EMA weights. "
+        f"\nEval: GenEval accuracy (official rule), 384 images, 10-step Euler ODE, EMA weights, CFG as in the method's "
+        f"official protocol (column 'eval CFG'). "
         f"Train: reward shapes_geneval/{judgement}, 16 prompts x 8 images per iteration, AdamW lr {lr:g}, seed {seed}; "
         f"every run after the first stops at the first iteration that reaches the first run's fwd_equiv. "
         f"Made by `diffrl compare shapes --iterations {iterations} --lr {lr:g} --seed {seed} --judgement {judgement} --out {out}`.\n"

@@ -99,8 +99,9 @@ def train(
             on_eval(row)
 
     evaluate(0)
-    bar = tqdm(range(1, loop.iterations + 1), desc=method_name, unit="it", disable=not progress,
-               total=None if loop.budget_fwd_equiv else loop.iterations)  # fmt: skip
+    steps = range(1, loop.iterations + 1)
+    # With a compute budget the iteration count is unknown: show a counter, not a bar to the cap.
+    bar = tqdm(iter(steps) if loop.budget_fwd_equiv else steps, desc=method_name, unit="it", disable=not progress)
     for iteration in bar:
         prompts = benchmark.train_prompts(loop.prompts_per_iteration, prompt_rng)
         expanded = [p for p in prompts for _ in range(loop.images_per_prompt)]

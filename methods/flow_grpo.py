@@ -19,6 +19,7 @@ that rollouts and the loss share.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -35,6 +36,8 @@ from harness.samplers import FlowSDE, flow_schedule, flow_sde_step
 from methods.base import Rollout
 
 __all__ = ["FlowGRPO", "FlowGRPOConfig", "flow_sde_step", "grpo_loss"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,8 +90,10 @@ class FlowGRPO:
 
     def __init__(self, cfg: FlowGRPOConfig, policy: Policy, optim: Optimization) -> None:
         if cfg.rollout_cfg != cfg.train_cfg:
-            # Ratios compare the training log-prob with the rollout's: different guidance makes them off-policy.
-            raise ValueError(f"rollout_cfg ({cfg.rollout_cfg}) and train_cfg ({cfg.train_cfg}) must match")
+            # Allowed for study, but the ratio then compares two different policies: never 1 on-policy.
+            log.warning("rollout_cfg %s != train_cfg %s: the first ratio will not be 1", cfg.rollout_cfg, cfg.train_cfg)
+            if cfg.check_on_policy:
+                raise ValueError("check_on_policy needs rollout_cfg == train_cfg")
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = FlowSDE(cfg.noise_level)
         self.schedule = flow_schedule(cfg.num_steps, cfg.shift)

@@ -21,3 +21,23 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def make_tiny_policy(seed: int = 0, depth: int = 1):
+    """A tiny random DiT policy over the shapes vocabulary, perturbed off its adaLN-Zero start
+    so that v depends on the input; cheap enough for unit tests."""
+    from benchmarks.shapes.world import VOCABULARY
+    from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy
+
+    torch.manual_seed(seed)
+    cfg = TinyDiTConfig(vocabulary=VOCABULARY, hidden=16, depth=depth, heads=2, text_layers=1, patch_size=8)
+    model = TinyDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return TinyDiTPolicy(model)
+
+
+@pytest.fixture
+def tiny_policy():
+    return make_tiny_policy()

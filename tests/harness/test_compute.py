@@ -4,31 +4,14 @@ import pytest
 import torch
 
 from harness.compute import CountingPolicy, Ledger
-from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy
 from harness.rollout import rollout
 from harness.samplers import EulerODE, FlowSDE, flow_schedule
-
-
-@pytest.fixture
-def tiny_policy() -> TinyDiTPolicy:
-    torch.manual_seed(0)
-    cfg = TinyDiTConfig(
-        vocabulary=("<pad>", "a", "b"),
-        image_size=8,
-        patch_size=4,
-        hidden=16,
-        depth=1,
-        heads=2,
-        text_layers=1,
-        max_tokens=4,
-    )
-    return TinyDiTPolicy(TinyDiT(cfg))
 
 
 def test_known_sequence_of_calls(tiny_policy):
     ledger = Ledger()
     policy = CountingPolicy(tiny_policy, ledger)
-    cond, uncond = policy.encode(["a b"] * 3), policy.encode([""] * 3)
+    cond, uncond = policy.encode(["a circle"] * 3), policy.encode([""] * 3)
     noise = torch.randn(3, *policy.sample_shape)
     with ledger.phase("sampling"):
         traj = rollout(policy, EulerODE(), cond, noise, flow_schedule(4))  # 4 steps × 3 samples
@@ -57,7 +40,7 @@ def test_known_sequence_of_calls(tiny_policy):
 def test_flops_are_measured_once_per_sample(tiny_policy):
     ledger = Ledger()
     policy = CountingPolicy(tiny_policy, ledger)
-    cond = policy.encode(["a"] * 4)
+    cond = policy.encode(["a circle"] * 4)
     with torch.no_grad():
         policy.velocity(torch.randn(4, *policy.sample_shape), torch.rand(4), cond)
     per_sample = ledger.flops_per_forward

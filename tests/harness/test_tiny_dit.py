@@ -3,27 +3,13 @@
 import pytest
 import torch
 
-from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy, load_tiny_dit, save_tiny_dit
+from harness.policies.tiny_dit import TinyDiTPolicy, load_tiny_dit, save_tiny_dit
 from harness.policy import guided_velocity
+from tests.conftest import make_tiny_policy
 
 
 def make_policy(seed: int = 0) -> TinyDiTPolicy:
-    torch.manual_seed(seed)
-    cfg = TinyDiTConfig(
-        vocabulary=("<pad>", "a", "red", "circle"),
-        image_size=8,
-        patch_size=4,
-        hidden=16,
-        depth=2,
-        heads=2,
-        text_layers=1,
-        max_tokens=5,
-    )
-    model = TinyDiT(cfg)
-    with torch.no_grad():  # adaLN-Zero starts at v ≡ 0; perturb so that the tests see real outputs
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return TinyDiTPolicy(model)
+    return make_tiny_policy(seed, depth=2)
 
 
 def inputs(policy, batch=3):
@@ -104,5 +90,5 @@ def test_cfg_combines_conditional_and_unconditional():
 
 def test_tokenizer_rejects_unknown_words():
     policy = make_policy()
-    with pytest.raises(ValueError, match="'blue'"):
-        policy.encode(["a blue circle"])
+    with pytest.raises(ValueError, match="'teal'"):
+        policy.encode(["a teal circle"])

@@ -89,6 +89,8 @@ def test_all_equal_groups_are_dropped(tiny_policy):
     assert logs["train/skipped"] == 1.0 and method.optim.global_step == 1
 
 
-def test_mismatched_cfg_is_refused(tiny_policy):
-    with pytest.raises(ValueError, match="must match"):
-        make(tiny_policy, rollout_cfg=4.5, train_cfg=1.0)
+def test_mismatched_cfg_warns_and_cannot_be_checked_on_policy(tiny_policy, caplog):
+    make(tiny_policy, rollout_cfg=4.5, train_cfg=1.0)
+    assert "the first ratio will not be 1" in caplog.text
+    with pytest.raises(ValueError, match="check_on_policy needs rollout_cfg == train_cfg"):
+        make(tiny_policy, rollout_cfg=4.5, train_cfg=1.0, check_on_policy=True)
