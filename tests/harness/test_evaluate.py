@@ -46,3 +46,12 @@ def test_cli_list_and_bad_arguments(capsys):
         main(["evaluate", "shapes", "--cfg", "0.5"])
     with pytest.raises(SystemExit):
         main(["list", "optimizers"])
+
+
+def test_cli_train_refuses_bad_input_before_compute():
+    from harness.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key diffusion_nft.betta. Did you mean 'beta'"):
+        main(["train", "shapes", "--method", "diffusion_nft", "--set", "betta=0.1"])
+    with pytest.raises(KeyError, match="Did you mean 'flow_grpo'"):
+        main(["train", "shapes", "--method", "flow_grpp"])
