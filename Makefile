@@ -32,6 +32,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy harness methods/base.py rewards/base.py benchmarks/base.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -27,11 +27,26 @@ class Prompt:
 class Benchmark(Protocol):
     """A prompt set: seeded training prompts, a fixed eval set, and the metric it reports."""
 
-    name: str
-    version: str
-    images_per_prompt: int  # eval images per eval prompt
-    eval_seed: int  # initial noise of eval image j of prompt i comes from (eval_seed, i, j)
-    metrics: tuple[str, ...]  # the keys `evaluate` returns, "overall" first
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def images_per_prompt(self) -> int:
+        """Eval images per eval prompt."""
+        ...
+
+    @property
+    def eval_seed(self) -> int:
+        """Initial noise of eval image j of prompt i comes from (eval_seed, i, j)."""
+        ...
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The keys `evaluate` returns, "overall" first."""
+        ...
 
     def train_prompts(self, n: int, rng: np.random.Generator) -> list[Prompt]:
         """``n`` training prompts drawn with ``rng``."""

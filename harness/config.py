@@ -69,7 +69,7 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where} = {value!r}; expected a string")
         return value
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} = {value!r}; expected a mapping of {annotation.__name__} fields")
         return build(annotation, value, where)

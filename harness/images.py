@@ -19,5 +19,7 @@ def save_grid(images: Tensor, path: Path, columns: int = 8, scale: int = 4, pad:
         r, c = divmod(i, columns)
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST).save(
+        path
+    )
     return path

@@ -95,8 +95,8 @@ def _deterministic(x_next: Tensor, x0_pred: Tensor) -> Transition:
 class EulerODE:
     """``x_next = x + (t_next − t)·v``: the probability-flow ODE's Euler step."""
 
-    name = "euler"
-    stochastic = False
+    name: ClassVar[str] = "euler"
+    stochastic: ClassVar[bool] = False
 
     def step(self, v: Tensor, x: Tensor, t: Tensor | float, t_next: Tensor | float, *,
              noise: Tensor | None = None, history: History | None = None) -> Transition:  # fmt: skip
@@ -117,8 +117,8 @@ class DPMSolverPP2M:
     steps, which equal Euler for rectified flow; the last returns x̂0.
     """
 
-    name = "dpm2"
-    stochastic = False
+    name: ClassVar[str] = "dpm2"
+    stochastic: ClassVar[bool] = False
 
     @staticmethod
     def _lambda(t: Tensor) -> Tensor:
@@ -173,8 +173,8 @@ def flow_sde_step(
 class FlowSDE:
     """FlowGRPO's Flow-SDE sampler; ``noise_level = 0`` reduces it to the Euler ODE."""
 
-    name = "flow_sde"
-    stochastic = True
+    name: ClassVar[str] = "flow_sde"
+    stochastic: ClassVar[bool] = True
 
     def __init__(self, noise_level: float = 0.7) -> None:
         self.noise_level = noise_level
@@ -200,8 +200,8 @@ class CPS:
     factor dropped, so CPS ratios (and clip ranges) are on another scale than Flow-SDE's.
     """
 
-    name = "cps"
-    stochastic = True
+    name: ClassVar[str] = "cps"
+    stochastic: ClassVar[bool] = True
 
     def __init__(self, noise_level: float = 0.8) -> None:
         self.noise_level = noise_level
@@ -221,7 +221,9 @@ class CPS:
         return -((x_next.float() - transition.mean) ** 2).mean(dim=tuple(range(1, x_next.ndim)))
 
 
-SAMPLERS: dict[str, type] = {cls.name: cls for cls in (EulerODE, DPMSolverPP2M, FlowSDE, CPS)}
+SAMPLERS: dict[str, type[EulerODE] | type[DPMSolverPP2M] | type[FlowSDE] | type[CPS]] = {
+    cls.name: cls for cls in (EulerODE, DPMSolverPP2M, FlowSDE, CPS)
+}
 
 
 def make_sampler(name: str, noise_level: float | None = None) -> Sampler:
@@ -231,6 +233,6 @@ def make_sampler(name: str, noise_level: float | None = None) -> Sampler:
     cls = SAMPLERS[name]
     if noise_level is None:
         return cls()
-    if not cls.stochastic:
-        raise ValueError(f"sampler {name!r} is deterministic and takes no noise_level")
-    return cls(noise_level)
+    if cls is FlowSDE or cls is CPS:
+        return cls(noise_level)
+    raise ValueError(f"sampler {name!r} is deterministic and takes no noise_level")

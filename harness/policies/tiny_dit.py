@@ -202,7 +202,7 @@ class TinyDiTPolicy:
         self.model = model
         model.text.requires_grad_(train_text_encoder)
         self.cfg = model.cfg
-        self.sample_shape = (model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
+        self.sample_shape: tuple[int, ...] = (model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
         self.tokenizer = Tokenizer(model.cfg.vocabulary, model.cfg.max_tokens)
         self._copies: dict[WeightSet, TinyDiT] = {"old": self._frozen_copy(), "ref": self._frozen_copy()}
         self._active: WeightSet = "train"
