@@ -176,14 +176,15 @@ class DiffusionNFT:
         r = optimality_probability(rewards, rollout.group_ids, cfg.adv_clip_max, cfg.std)
         n = rollout.x0.shape[0]
         logs: dict[str, float] = {"train/r_mean": r.mean().item()}
-        chunks = [list(range(n))[s] for s in iter_batches(n, -(-n // cfg.optimizer_steps_per_iteration))]
-        for chunk in chunks:
-            idx = torch.tensor(chunk)
-            times = self.training_times(len(chunk), generator)  # (b, K)
-            passes = len(list(iter_batches(len(chunk), cfg.train_batch_size))) * times.shape[1]
+        order = torch.arange(n)
+        if cfg.optimizer_steps_per_iteration > 1:  # samples shuffled across optimizer steps, as the official code
+            order = order[torch.randperm(n, generator=generator)]
+        for idx in [order[s] for s in iter_batches(n, -(-n // cfg.optimizer_steps_per_iteration))]:
+            times = self.training_times(len(idx), generator)  # (b, K)
+            passes = len(list(iter_batches(len(idx), cfg.train_batch_size))) * times.shape[1]
             total, total_kl = 0.0, 0.0
             for k in range(times.shape[1]):
-                for batch in iter_batches(len(chunk), cfg.train_batch_size):
+                for batch in iter_batches(len(idx), cfg.train_batch_size):
                     sel = idx[batch]
                     x0, t = rollout.x0[sel], times[batch, k]
                     noise = torch.randn(x0.shape, generator=generator)

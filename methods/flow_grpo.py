@@ -133,6 +133,8 @@ class FlowGRPO:
             logs["train/skipped"] = 1.0  # every group had all-equal rewards: no signal, no step
             return logs
         n_train = max(1, int(cfg.num_steps * cfg.timestep_fraction))
+        if cfg.optimizer_steps_per_iteration > 1:  # samples shuffled across optimizer steps, as the official code
+            keep = keep[torch.randperm(len(keep), generator=generator)]
         chunks = [keep[s] for s in iter_batches(len(keep), -(-len(keep) // cfg.optimizer_steps_per_iteration))]
         stats = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         first_check = cfg.check_on_policy
