@@ -192,15 +192,15 @@ class Tokenizer:
 class TinyDiTPolicy:
     """:class:`harness.policy.Policy` for the tiny DiT; "old" and "ref" are parameter copies.
 
-    The text encoder is frozen by default during RL, as SD3.5's text encoders are under LoRA,
-    so prompt encodings are the same under every weight set and can be cached.
+    The text encoder is frozen during RL, as SD3.5's text encoders are under LoRA, so prompt
+    encodings are the same under every weight set and methods encode each prompt once.
     """
 
     supports_cfg = True
 
-    def __init__(self, model: TinyDiT, *, train_text_encoder: bool = False) -> None:
+    def __init__(self, model: TinyDiT) -> None:
         self.model = model
-        model.text.requires_grad_(train_text_encoder)
+        model.text.requires_grad_(False)
         self.cfg = model.cfg
         self.sample_shape: tuple[int, ...] = (model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
         self.tokenizer = Tokenizer(model.cfg.vocabulary, model.cfg.max_tokens)
