@@ -88,17 +88,18 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
+def _target_cells(row: TargetRow, dash: str, times: str) -> tuple[str, str, str]:
+    """(compute, speedup, CI) cells of one row; "not reached" never becomes a number."""
+    if row.mean is None:
+        return NOT_REACHED, dash, dash
+    if row.speedup is None or row.ci is None:
+        return _fmt(row.mean), dash, dash
+    return _fmt(row.mean), f"{row.speedup:.2f}{times}", f"[{row.ci[0]:.2f}, {row.ci[1]:.2f}]"
+
+
 def speedup_markdown(rows: list[TargetRow], unit: str, target: float, reference: str) -> str:
     lines = [f"| variant | {unit} to reach {target:g} | speedup vs {reference} | 95% CI |", "|---|---|---|---|"]
-    for row in rows:
-        if row.mean is None:
-            lines.append(f"| {row.variant} | {NOT_REACHED} | – | – |")
-        elif row.speedup is None or row.ci is None:
-            lines.append(f"| {row.variant} | {_fmt(row.mean)} | – | – |")
-        else:
-            lines.append(
-                f"| {row.variant} | {_fmt(row.mean)} | {row.speedup:.2f}× | [{row.ci[0]:.2f}, {row.ci[1]:.2f}] |"
-            )
+    lines += ["| " + " | ".join((row.variant, *_target_cells(row, "–", "×"))) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -112,16 +113,7 @@ def speedup_latex(rows: list[TargetRow], unit: str, target: float, reference: st
         f"variant & {tex(unit)} to {target:g} & speedup vs {tex(reference)} & 95\\% CI \\\\",
         r"\midrule",
     ]
-    for row in rows:
-        name = tex(row.variant)
-        if row.mean is None:
-            lines.append(f"{name} & {NOT_REACHED} & -- & -- \\\\")
-        elif row.speedup is None or row.ci is None:
-            lines.append(f"{name} & {_fmt(row.mean)} & -- & -- \\\\")
-        else:
-            lines.append(
-                f"{name} & {_fmt(row.mean)} & {row.speedup:.2f}$\\times$ & [{row.ci[0]:.2f}, {row.ci[1]:.2f}] \\\\"
-            )
+    lines += [" & ".join((tex(row.variant), *_target_cells(row, "--", r"$\times$"))) + r" \\" for row in rows]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
