@@ -153,6 +153,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_results(path: str):
+    import pandas as pd
+
+    if not Path(path).is_file():
+        raise SystemExit(f"results table {path} not found (a results.csv written by 'diffrl compare')")
+    return pd.read_csv(path)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from harness.plots import efficiency_curve
+
+    df = _read_results(args.results)
+    out = (
+        Path(args.out)
+        if args.out
+        else Path(args.results).parent / f"{args.metric.split('/')[-1]}_vs_{args.unit.split('/')[-1]}"
+    )
+    for path in efficiency_curve(df, args.metric, args.unit, out, log_x=args.log_x):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from harness.tables import final_scores, final_scores_markdown, speedup_latex, speedup_markdown, speedups
+
+    df = _read_results(args.results)
+    metrics = [c for c in df.columns if c.startswith("eval/")]
+    print(final_scores_markdown(final_scores(df, metrics, args.unit), metrics))
+    if args.target is None and args.target_variant is None:
+        return 0
+    if args.reference is None:
+        raise SystemExit("--reference VARIANT is needed for compute-to-target")
+    target = args.target
+    if target is None:
+        scores = final_scores(df, [args.metric], args.unit)
+        if args.target_variant not in scores.index:
+            raise SystemExit(f"--target-variant {args.target_variant!r} not in {list(scores.index)}")
+        target = float(scores.loc[args.target_variant, f"{args.metric}/mean"])
+    rows = speedups(df, args.metric, args.unit, target, args.reference)
+    print((speedup_latex if args.latex else speedup_markdown)(rows, args.unit, target, args.reference))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffrl", description="Online RL for diffusion/flow image models: benchmarks and harness."
@@ -204,6 +247,26 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--out", default="results/shapes_methods")
     p_cmp.add_argument("--judgement", default="correct", choices=["correct", "strict", "score"], help=JUDGEMENT_HELP)
     p_cmp.set_defaults(func=cmd_compare)
+
+    p_plot = sub.add_parser("plot", help="efficiency curve (metric vs compute, seed bands) from a results.csv")
+    p_plot.add_argument("results", help="a tidy results.csv (one row per evaluation)")
+    p_plot.add_argument("--metric", default="eval/overall")
+    p_plot.add_argument(
+        "--unit", default="compute/fwd_equiv", help="compute/fwd_equiv, compute/flops, compute/wall_seconds, ..."
+    )
+    p_plot.add_argument("--log-x", action="store_true")
+    p_plot.add_argument("--out", default=None, help="output path without suffix (PNG and PDF are written)")
+    p_plot.set_defaults(func=cmd_plot)
+
+    p_table = sub.add_parser("table", help="final scores and compute-to-target from a results.csv")
+    p_table.add_argument("results")
+    p_table.add_argument("--metric", default="eval/overall")
+    p_table.add_argument("--unit", default="compute/fwd_equiv")
+    p_table.add_argument("--target", type=float, default=None, help="a score to reach")
+    p_table.add_argument("--target-variant", default=None, help="or: reach this variant's final mean score")
+    p_table.add_argument("--reference", default=None, help="speedups are relative to this variant")
+    p_table.add_argument("--latex", action="store_true", help="print the compute-to-target table as LaTeX")
+    p_table.set_defaults(func=cmd_table)
 
     p_bench = sub.add_parser("bench", help="speed and memory benchmarks (not tests)")
     p_bench.add_argument("what", choices=["methods"])

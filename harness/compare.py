@@ -14,9 +14,12 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from benchmarks.shapes.benchmark import ShapesBenchmark
 from benchmarks.shapes.checkpoint import load_shapes_policy
 from harness.optim import OptimConfig
+from harness.plots import efficiency_curve, per_task_curves
 from harness.trainer import LoopConfig, TrainResult, train
 from methods.diffusion_nft import DiffusionNFTConfig
 from methods.flow_grpo import FlowGRPOConfig
@@ -51,7 +54,7 @@ def compare(
     """Run every variant; the first one's spent compute is the budget of the others."""
     out.mkdir(parents=True, exist_ok=True)
     benchmark, reward = ShapesBenchmark(), ShapesGenEval(judgement=judgement)
-    loop = LoopConfig(iterations=iterations, seed=seed)
+    loop = LoopConfig(iterations=iterations, seed=seed, eval_every=5)
     results: dict[str, TrainResult] = {}
     seconds: dict[str, float] = {}
     budget = 0
@@ -70,6 +73,11 @@ def compare(
             for row in result.iterations + result.evaluations:
                 f.write(json.dumps(_jsonable(row)) + "\n")
     _write_table(out, results, seconds, variants, iterations, lr, seed, judgement)
+    tidy = pd.DataFrame([{"variant": label, **row} for label, result in results.items() for row in result.evaluations])
+    tidy.to_csv(out / "results.csv", index=False)
+    efficiency_curve(tidy, "eval/overall", "compute/fwd_equiv", out / "overall_vs_fwd_equiv")
+    tasks = ["eval/" + t for t in ("single_object", "two_object", "counting", "colors", "position", "color_attr")]
+    per_task_curves(tidy, tasks, "compute/fwd_equiv", out / "tasks_vs_fwd_equiv")
     return out / "table.md"
 
 

@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import EngFormatter  # noqa: E402
 
 UNIT_LABELS = {
     "compute/fwd_equiv": "policy forward-equivalents (fwd + 2·bwd)",
@@ -49,6 +50,8 @@ def efficiency_curve(df: pd.DataFrame, metric: str, unit: str, out: Path, *, log
     axis.set_ylabel(metric.removeprefix("eval/"))
     if log_x:
         axis.set_xscale("symlog")
+    else:
+        axis.xaxis.set_major_formatter(EngFormatter())  # 40k, 1.2M: compute counts are large
     axis.grid(alpha=0.3)
     return _save(figure, out)
 
@@ -61,7 +64,9 @@ def per_task_curves(df: pd.DataFrame, metrics: list[str], unit: str, out: Path, 
     grid = sns.relplot(data=long, x=unit, y="score", hue="variant", col="metric", col_wrap=3, kind="line",
                        errorbar=("ci", 95), marker="o", height=2.6, aspect=1.2, facet_kws={"sharey": False})  # fmt: skip
     grid.set_axis_labels(UNIT_LABELS.get(unit, unit), "score")
-    if log_x:
-        for axis in grid.axes.flat:
+    for axis in grid.axes.flat:
+        if log_x:
             axis.set_xscale("symlog")
+        else:
+            axis.xaxis.set_major_formatter(EngFormatter())
     return _save(grid.figure, out)

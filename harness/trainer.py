@@ -91,7 +91,7 @@ def train(
             return
         with ledger.phase("eval"), optim.ema.applied():
             output = evaluate_policy(counted, benchmark, eval_sampler, loop.eval, progress=False)
-        row = {"iteration": iteration, "optimizer_steps": optim.global_step, **ledger.snapshot(),
+        row = {"seed": loop.seed, "iteration": iteration, "optimizer_steps": optim.global_step, **ledger.snapshot(),
                **{f"eval/{k}": v for k, v in output.scores.items()}}  # fmt: skip
         evaluations.append(row)
         log.info("eval @%d: overall %.3f", iteration, output.scores["overall"])

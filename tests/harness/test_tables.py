@@ -62,3 +62,19 @@ def test_final_scores_mean_std_and_bold_best():
     assert "| fast | 2 | **0.750 ± 0.050** |" in table
     with pytest.raises(KeyError, match="lacks columns"):
         final_scores(synthetic(), ["eval/missing"])
+
+
+def test_cli_table_and_plot(tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "results.csv"
+    synthetic().to_csv(path, index=False)
+    assert main(["table", str(path), "--target", "0.5", "--reference", "slow"]) == 0
+    out = capsys.readouterr().out
+    assert "| fast | 2 | **0.750 ± 0.050** |" in out and "| stuck | not reached | – | – |" in out
+    assert main(["table", str(path), "--target-variant", "slow", "--reference", "slow", "--latex"]) == 0
+    assert "\\begin{tabular}" in capsys.readouterr().out
+    assert main(["plot", str(path), "--log-x"]) == 0
+    assert (tmp_path / "overall_vs_fwd_equiv.png").exists() and (tmp_path / "overall_vs_fwd_equiv.pdf").exists()
+    with pytest.raises(SystemExit, match="not found"):
+        main(["plot", str(tmp_path / "missing.csv")])
