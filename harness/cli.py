@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger("diffrl")
+JUDGEMENTS = ["correct", "strict", "score"]  # the values of rewards.shapes.Judgement, default first
 JUDGEMENT_HELP = (
     "training reward: the official GenEval rule (correct, default on shapes), FlowGRPO's strict rule, "
     "or FlowGRPO's partial-credit score (collapses to empty images on shapes: see the README)"
@@ -113,7 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from benchmarks.shapes.checkpoint import load_shapes_policy
     from harness.config import build, parse_overrides
     from harness.optim import OptimConfig
-    from harness.trainer import LoopConfig, train
+    from harness.trainer import LoopConfig, train, write_jsonl
     from methods import METHODS
     from rewards.shapes import ShapesGenEval
 
@@ -130,11 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"iteration {row['iteration']:>4}  fwd_equiv {row['compute/fwd_equiv']:>10,}  overall {row['eval/overall']:.3f}"
         )
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "log.jsonl").open("w") as f:
-            for row in result.iterations + result.evaluations:
-                f.write(json.dumps(row) + "\n")
+        write_jsonl(Path(args.out) / "log.jsonl", result.iterations + result.evaluations)
     return 0
 
 
@@ -236,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--eval-every", type=int, default=0)
     p_train.add_argument("--checkpoint", default=None, help="start from this checkpoint (default: the committed base)")
     p_train.add_argument("--out", default=None, help="write log.jsonl (iterations and evaluations) here")
-    p_train.add_argument("--judgement", default="correct", choices=["correct", "strict", "score"], help=JUDGEMENT_HELP)
+    p_train.add_argument("--judgement", default="correct", choices=JUDGEMENTS, help=JUDGEMENT_HELP)
     p_train.set_defaults(func=cmd_train)
 
     p_cmp = sub.add_parser("compare", help="DiffusionNFT vs FlowGRPO (CFG 4.5 and none) at matched compute")
@@ -245,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--lr", type=float, default=SHAPES_LR)
     p_cmp.add_argument("--seed", type=int, default=0)
     p_cmp.add_argument("--out", default="results/shapes_methods")
-    p_cmp.add_argument("--judgement", default="correct", choices=["correct", "strict", "score"], help=JUDGEMENT_HELP)
+    p_cmp.add_argument("--judgement", default="correct", choices=JUDGEMENTS, help=JUDGEMENT_HELP)
     p_cmp.set_defaults(func=cmd_compare)
 
     p_plot = sub.add_parser("plot", help="efficiency curve (metric vs compute, seed bands) from a results.csv")

@@ -8,7 +8,6 @@ budget of every other run, which stops at the first iteration that reaches it.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,12 +19,11 @@ from benchmarks.shapes.benchmark import ShapesBenchmark
 from benchmarks.shapes.checkpoint import load_shapes_policy
 from harness.optim import OptimConfig
 from harness.plots import efficiency_curve, per_task_curves
-from harness.trainer import LoopConfig, TrainResult, train
+from harness.trainer import LoopConfig, TrainResult, train, write_jsonl
 from methods.diffusion_nft import DiffusionNFTConfig
 from methods.flow_grpo import FlowGRPOConfig
+from rewards.geneval import TASKS
 from rewards.shapes import Judgement, ShapesGenEval
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,15 +67,12 @@ def compare(
         seconds[variant.label] = time.perf_counter() - started
         results[variant.label] = result
         budget = budget or result.ledger.fwd_equiv
-        with (out / f"{variant.label}.jsonl").open("w") as f:
-            for row in result.iterations + result.evaluations:
-                f.write(json.dumps(_jsonable(row)) + "\n")
+        write_jsonl(out / f"{variant.label}.jsonl", map(_jsonable, result.iterations + result.evaluations))
     _write_table(out, results, seconds, variants, iterations, lr, seed, judgement)
     tidy = pd.DataFrame([{"variant": label, **row} for label, result in results.items() for row in result.evaluations])
     tidy.to_csv(out / "results.csv", index=False)
     efficiency_curve(tidy, "eval/overall", "compute/fwd_equiv", out / "overall_vs_fwd_equiv")
-    tasks = ["eval/" + t for t in ("single_object", "two_object", "counting", "colors", "position", "color_attr")]
-    per_task_curves(tidy, tasks, "compute/fwd_equiv", out / "tasks_vs_fwd_equiv")
+    per_task_curves(tidy, [f"eval/{task}" for task in TASKS], "compute/fwd_equiv", out / "tasks_vs_fwd_equiv")
     return out / "table.md"
 
 

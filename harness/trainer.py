@@ -8,10 +8,12 @@ same seed see the same training prompts and the same eval images' noise.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +45,14 @@ class LoopConfig:
     evaluate: bool = True  # False only for speed measurements
     eval_sampler: str = "euler"
     eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line (training logs, evaluation rows)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 @dataclass

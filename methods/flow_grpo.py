@@ -148,8 +148,8 @@ class FlowGRPO:
                     uncond = self._uncond(len(sel))
                     log_prob, mean, std_dev_t = self._step_terms(trajectory.latents, sel, j, cond, uncond)
                     old_log_prob = trajectory.log_probs[sel, j]
+                    ratio = torch.exp(log_prob.detach() - old_log_prob)
                     if first_check:
-                        ratio = torch.exp(log_prob.detach() - old_log_prob)
                         if not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5):
                             raise AssertionError(
                                 f"on-policy check: first ratio deviates from 1 by {(ratio - 1).abs().max():.2e}"
@@ -166,7 +166,6 @@ class FlowGRPO:
                         log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef
                     )
                     self.optim.backward(loss, scale=1.0 / passes)
-                    ratio = torch.exp(log_prob.detach() - old_log_prob)
                     stats["policy_loss"] += (
                         loss.item() - (cfg.kl_coef * kl.mean().item() if kl is not None else 0.0)
                     ) / passes
