@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(DIFFRL) evaluate shapes --cfg 1 --cfg 3 --out results/shapes_base
+	$(DIFFRL) run shapes_quick
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""The ``diffrl`` command line: list, pretrain, evaluate."""
+"""The ``diffrl`` command line: list, pretrain, evaluate, train, compare, run, report, plot, table, bench."""
 
 from __future__ import annotations
 
@@ -112,6 +112,7 @@ def _write_eval_tables(
 def cmd_train(args: argparse.Namespace) -> int:
     from benchmarks.shapes.benchmark import ShapesBenchmark
     from benchmarks.shapes.checkpoint import load_shapes_policy
+    from harness.budget import Budget
     from harness.config import build, parse_overrides
     from harness.optim import OptimConfig
     from harness.trainer import LoopConfig, train, write_jsonl
@@ -121,7 +122,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     method_cls = METHODS.get(args.method)
     method_cfg = build(method_cls.Config, parse_overrides(args.set or []), where=args.method)
     loop = LoopConfig(
-        iterations=args.iterations, seed=args.seed, eval_every=args.eval_every, budget_fwd_equiv=args.budget
+        iterations=args.iterations,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        budget=Budget(unit="fwd_equiv", amount=args.budget, eval_at=()) if args.budget else None,
     )
     policy = load_shapes_policy(Path(args.checkpoint) if args.checkpoint else None)
     reward = ShapesGenEval(judgement=args.judgement)
@@ -144,29 +148,96 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.perf import bench_methods
+    from harness.perf import bench_methods, bench_overhead
 
-    print(bench_methods(Path(args.out), args.iterations, args.warmup, args.threads).read_text())
+    if args.what == "overhead":
+        print(bench_overhead(args.suite or "shapes_quick", Path(args.out), args.threads).read_text())
+    else:
+        print(bench_methods(Path(args.out), args.iterations, args.warmup, args.threads, args.suite).read_text())
     return 0
 
 
 def _read_results(path: str):
-    import pandas as pd
+    from harness.store import read_results
 
-    if not Path(path).is_file():
-        raise SystemExit(f"results table {path} not found (a results.csv written by 'diffrl compare')")
-    return pd.read_csv(path)
+    try:
+        return read_results(Path(path))
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.config import ConfigError
+    from harness.report import write_report
+    from harness.runner import run_suite
+    from harness.suite import load_suite
+
+    try:
+        suite = load_suite(args.suite)
+    except ConfigError as error:
+        print(f"invalid suite: {error}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"suite {suite.name!r} is valid: {len(suite.config.methods)} variants x {len(suite.config.seeds)} seeds")
+        return 0
+    out = Path(args.out) if args.out else Path("results") / suite.name
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    outcome = run_suite(suite, out, progress=not args.no_progress)
+    if any(c.status == "done" for c in outcome.cells):
+        command = f"diffrl run {args.suite}" + (f" --out {args.out}" if args.out else "")
+        print(f"wrote {write_report(out, command)}")
+    for cell in outcome.failed:
+        print(f"FAILED {cell.label} seed {cell.seed}: {cell.error}", file=sys.stderr)
+    return 1 if outcome.failed else 0
+
+
+def cmd_serve_reward(args: argparse.Namespace) -> int:
+    from harness.config import ConfigError, parse_overrides
+    from rewards.server import serve_reward
+
+    try:
+        serve_reward(args.name, args.host, args.port, **parse_overrides(args.set or []))
+    except (KeyError, ConfigError) as error:
+        raise SystemExit(f"cannot serve reward {args.name!r}: {error}") from None
+    return 0
+
+
+def cmd_geneval(args: argparse.Namespace) -> int:
+    from rewards.geneval_detect.folder import FolderError, score_image_folder
+
+    out = Path(args.out) if args.out else Path(args.image_dir) / "geneval_results"
+    try:
+        summary = score_image_folder(
+            Path(args.image_dir), out, args.backend, detector_path=args.detector, detector_config=args.detector_config,
+            clip_path=args.clip, device=args.device, batch_size=args.batch_size, rgb_as_bgr=args.rgb_as_bgr,
+            class_names=args.class_names,
+        )  # fmt: skip
+    except FolderError as error:
+        raise SystemExit(str(error)) from None
+    print(summary.table())
+    print(f"{summary.n_images} images of {summary.n_prompts} prompts, backend {summary.backend}; wrote {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    folder = Path(args.folder)
+    if not (folder / "suite.yaml").is_file():
+        raise SystemExit(f"{folder} is not a suite folder written by 'diffrl run' (no suite.yaml)")
+    print(f"wrote {write_report(folder)}")
+    return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from harness.plots import efficiency_curve
 
     df = _read_results(args.results)
-    out = (
-        Path(args.out)
-        if args.out
-        else Path(args.results).parent / f"{args.metric.split('/')[-1]}_vs_{args.unit.split('/')[-1]}"
-    )
+    folder = Path(args.results) if Path(args.results).is_dir() else Path(args.results).parent
+    out = Path(args.out) if args.out else folder / f"{args.metric.split('/')[-1]}_vs_{args.unit.split('/')[-1]}"
     for path in efficiency_curve(df, args.metric, args.unit, out, log_x=args.log_x):
         print(f"wrote {path}")
     return 0
@@ -188,7 +259,7 @@ def cmd_table(args: argparse.Namespace) -> int:
         if args.target_variant not in scores.index:
             raise SystemExit(f"--target-variant {args.target_variant!r} not in {list(scores.index)}")
         target = float(scores.loc[args.target_variant, f"{args.metric}/mean"])
-    rows = speedups(df, args.metric, args.unit, target, args.reference)
+    rows = speedups(df, args.metric, args.unit, target, args.reference, mode="per_seed" if args.per_seed else "auto")
     print((speedup_latex if args.latex else speedup_markdown)(rows, args.unit, target, args.reference))
     return 0
 
@@ -245,8 +316,45 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--judgement", default="correct", choices=JUDGEMENTS, help=JUDGEMENT_HELP)
     p_cmp.set_defaults(func=cmd_compare)
 
+    p_run = sub.add_parser("run", help="run (or resume) a comparison suite; writes results/<suite>/")
+    p_run.add_argument("suite", help="a suite .yaml file or a built-in suite name (shapes_quick, shapes_full)")
+    p_run.add_argument("--out", default=None, help="suite folder (default: results/<suite name>)")
+    p_run.add_argument("--check", action="store_true", help="validate the suite and exit")
+    p_run.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p_run.add_argument("--no-progress", action="store_true", help="no progress bars (evaluation lines stay)")
+    p_run.set_defaults(func=cmd_run)
+
+    p_report = sub.add_parser("report", help="rebuild a suite folder's README, plots and tables")
+    p_report.add_argument("folder", help="a folder written by 'diffrl run'")
+    p_report.set_defaults(func=cmd_report)
+
+    p_serve = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (for other processes/hosts)")
+    p_serve.add_argument("name", help="a registered reward (diffrl list rewards)")
+    p_serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept other hosts)")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--set", action="append", metavar="KEY=VALUE", help="an option of the reward's factory")
+    p_serve.set_defaults(func=cmd_serve_reward)
+
+    p_gen = sub.add_parser("geneval", help="score a GenEval image folder (<index>/metadata.jsonl, <index>/samples/)")
+    p_gen.add_argument("image_dir", help="a folder laid out as GenEval's generation script writes it")
+    p_gen.add_argument("--out", default=None, help="results.jsonl and summary.json (default IMAGE_DIR/geneval_results)")
+    p_gen.add_argument(
+        "--backend", default="mmdet", choices=["mmdet", "hf"], help="mmdet: the official detector (reproduces "
+        "published numbers); hf: transformers' Mask2Former"
+    )  # fmt: skip
+    p_gen.add_argument("--detector", default=None, help="detector checkpoint (file or folder; hf: a model id too)")
+    p_gen.add_argument("--detector-config", default=None, help="mmdet config (default: GenEval's Mask2Former Swin-S)")
+    p_gen.add_argument("--clip", default=None, help="CLIP ViT-L/14 for colours (default openai/clip-vit-large-patch14)")
+    p_gen.add_argument(
+        "--class-names", default=None, help="GenEval's object_names.txt (default: downloaded once and cached)"
+    )
+    p_gen.add_argument("--device", default="cpu")
+    p_gen.add_argument("--batch-size", type=int, default=8)
+    p_gen.add_argument("--rgb-as-bgr", action="store_true", help="reproduce FlowGRPO/DiffusionNFT's channel swap")
+    p_gen.set_defaults(func=cmd_geneval)
+
     p_plot = sub.add_parser("plot", help="efficiency curve (metric vs compute, seed bands) from a results.csv")
-    p_plot.add_argument("results", help="a tidy results.csv (one row per evaluation)")
+    p_plot.add_argument("results", help="a results table (.csv or .parquet) or a suite folder")
     p_plot.add_argument("--metric", default="eval/overall")
     p_plot.add_argument(
         "--unit", default="compute/fwd_equiv", help="compute/fwd_equiv, compute/flops, compute/wall_seconds, ..."
@@ -256,17 +364,30 @@ def build_parser() -> argparse.ArgumentParser:
     p_plot.set_defaults(func=cmd_plot)
 
     p_table = sub.add_parser("table", help="final scores and compute-to-target from a results.csv")
-    p_table.add_argument("results")
+    p_table.add_argument("results", help="a results table (.csv or .parquet) or a suite folder")
     p_table.add_argument("--metric", default="eval/overall")
     p_table.add_argument("--unit", default="compute/fwd_equiv")
     p_table.add_argument("--target", type=float, default=None, help="a score to reach")
     p_table.add_argument("--target-variant", default=None, help="or: reach this variant's final mean score")
     p_table.add_argument("--reference", default=None, help="speedups are relative to this variant")
     p_table.add_argument("--latex", action="store_true", help="print the compute-to-target table as LaTeX")
+    p_table.add_argument(
+        "--per-seed",
+        action="store_true",
+        help="compute-to-target per seed (default for suites: on the seed-mean curve)",
+    )
     p_table.set_defaults(func=cmd_table)
 
     p_bench = sub.add_parser("bench", help="speed and memory benchmarks (not tests)")
-    p_bench.add_argument("what", choices=["methods"])
+    p_bench.add_argument(
+        "what", choices=["methods", "overhead"], help="methods: s/iteration and memory; overhead: a suite's time split"
+    )
+    p_bench.add_argument(
+        "--suite",
+        default=None,
+        help="methods: measure this suite's variants at its geometry and estimate its run time; "
+        "overhead: the suite run from scratch (default shapes_quick)",
+    )
     p_bench.add_argument("--iterations", type=int, default=2, help="timed iterations per method")
     p_bench.add_argument("--warmup", type=int, default=1)
     p_bench.add_argument("--threads", type=int, default=2)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from benchmarks.shapes.benchmark import ShapesBenchmark
 from benchmarks.shapes.checkpoint import load_shapes_policy
+from harness.budget import Budget
 from harness.optim import OptimConfig
 from harness.plots import efficiency_curve, per_task_curves
 from harness.trainer import LoopConfig, TrainResult, train, write_jsonl
@@ -59,7 +60,9 @@ def compare(
     for variant in variants:
         run_loop = replace(loop, eval=replace(loop.eval, guidance_scale=variant.eval_cfg))
         if budget:
-            run_loop = replace(run_loop, iterations=100 * iterations, budget_fwd_equiv=budget)
+            run_loop = replace(
+                run_loop, iterations=100 * iterations, budget=Budget(unit="fwd_equiv", amount=budget, eval_at=())
+            )
         started = time.perf_counter()
         result = train(
             variant.method, variant.config, load_shapes_policy(), benchmark, reward, run_loop, OptimConfig(lr=lr)

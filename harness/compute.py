@@ -59,6 +59,16 @@ class Ledger:
                 self.seconds[self._open[-1]] -= elapsed  # time is counted once, in the innermost phase
             self.current = outer
 
+    def state_dict(self) -> dict[str, object]:
+        """The counters (for checkpoints); the open-phase stack is not saved: checkpoints happen outside phases."""
+        return {"forward": dict(self.forward), "backward": dict(self.backward), "images": dict(self.images),
+                "seconds": dict(self.seconds), "flops_per_forward": self.flops_per_forward}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for name in ("forward", "backward", "images", "seconds"):
+            getattr(self, name).update(state[name])
+        self.flops_per_forward = state["flops_per_forward"]  # type: ignore[assignment]
+
     def record_forward(self, n_samples: int, with_backward: bool) -> None:
         self.forward[self.current] += n_samples
         if with_backward:

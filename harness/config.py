@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import types
 import typing
 from collections.abc import Mapping
@@ -87,6 +88,11 @@ def build(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown key {where}.{key}.{hint} Allowed: {', '.join(fields)}")
         checked[key] = _check_value(value, hints[key], f"{where}.{key}")
+    required = [name for name, f in fields.items() if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]  # fmt: skip
+    missing = [name for name in required if name not in checked]
+    if missing:
+        raise ConfigError(f"missing key {where}.{missing[0]} (required: {', '.join(required)})")
     return cls(**checked)
 
 
@@ -101,3 +107,30 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set takes key=value, got {pair!r}")
         out[key.strip()] = yaml.safe_load(raw)
     return out
+
+
+def call_checked(factory: Any, options: Mapping[str, Any], where: str) -> Any:
+    """``factory(**options)`` after checking the keys (did-you-mean) and annotated types against its signature.
+
+    A ``ValueError``/``TypeError`` raised by the factory itself becomes a :class:`ConfigError` naming ``where``.
+    """
+    if dataclasses.is_dataclass(factory):
+        return build(factory, options, where)  # type: ignore[arg-type]
+    target = factory.__init__ if isinstance(factory, type) else factory  # type: ignore[misc]
+    parameters = {
+        name: p
+        for name, p in inspect.signature(target).parameters.items()
+        if name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    hints = typing.get_type_hints(target)
+    checked: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in parameters:
+            close = difflib.get_close_matches(key, list(parameters), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {where}.{key}.{hint} Allowed: {', '.join(parameters) or 'none'}")
+        checked[key] = _check_value(value, hints.get(key, Any), f"{where}.{key}")
+    try:
+        return factory(**checked)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where}: {error}") from error

@@ -8,6 +8,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from harness.atomic import atomic_write
+
 
 def save_grid(images: Tensor, path: Path, columns: int = 8, scale: int = 4, pad: int = 2) -> Path:
     """Write (N, 3, H, W) images in [0, 1] as one PNG grid, each image upscaled ``scale``× (nearest)."""
@@ -18,8 +20,5 @@ def save_grid(images: Tensor, path: Path, columns: int = 8, scale: int = 4, pad:
     for i, image in enumerate(pixels):
         r, c = divmod(i, columns)
         canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST).save(
-        path
-    )
-    return path
+    image = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.Resampling.NEAREST)
+    return atomic_write(path, lambda f: image.save(f, format="PNG"))

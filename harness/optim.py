@@ -60,3 +60,12 @@ class Optimization:
         self.global_step += 1
         self.ema.update(self.global_step)
         return float(grad_norm)
+
+    def state_dict(self) -> dict[str, object]:
+        """Optimizer moments, EMA weights and the step counter (everything a resumed run needs)."""
+        return {"optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(), "global_step": self.global_step}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        self.ema.load_state_dict(state["ema"])  # type: ignore[arg-type]
+        self.global_step = int(state["global_step"])  # type: ignore[call-overload]

@@ -1,17 +1,21 @@
-"""``diffrl bench methods``: seconds per iteration (sampling / reward / training) and peak memory.
+"""``diffrl bench methods``: seconds per iteration (sampling / reward / training) and peak memory;
+``diffrl bench overhead``: how a suite run's wall time splits into methods, evaluation and harness.
 
 Each method runs in a fresh process (so that peak RSS is its own) from the committed shapes
-base, for ``warmup + iterations`` iterations of 16 prompts × 8 images without evaluation; the
-warm-up iterations are excluded from the timings. This is a benchmark, not a test: it asserts
-nothing about speed.
+base, for ``warmup + iterations`` iterations of 16 prompts × 8 images (or a suite's geometry)
+without evaluation; the phase times of the warm-up iterations are left out. This is a benchmark,
+not a test: it asserts nothing about speed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import platform
 import resource
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,52 +24,156 @@ import torch
 from harness.compare import DEFAULT_VARIANTS, Variant
 
 
-def _measure(variant: Variant, iterations: int, warmup: int, threads: int, queue: Any) -> None:
+def _measure(variant: Variant, iterations: int, warmup: int, threads: int, queue: Any, suite_name: str | None) -> None:
     from benchmarks.shapes.benchmark import ShapesBenchmark
     from benchmarks.shapes.checkpoint import load_shapes_policy
+    from harness.evaluate import evaluate_policy
     from harness.optim import OptimConfig
+    from harness.samplers import make_sampler
     from harness.trainer import LoopConfig, train
     from rewards.shapes import ShapesGenEval
 
     torch.set_num_threads(threads)
-    loop = LoopConfig(iterations=warmup, evaluate=False)
-    policy = load_shapes_policy()
-    common = (ShapesBenchmark(), ShapesGenEval())
-    warm = train(variant.method, variant.config, policy, *common, loop, OptimConfig(lr=1e-5), progress=False).ledger
-    full = train(variant.method, variant.config, policy, *common, LoopConfig(iterations=warmup + iterations, evaluate=False),
-                 OptimConfig(lr=1e-5), progress=False).ledger  # fmt: skip
-    per_iteration = {p: (full.seconds[p] - warm.seconds[p]) / iterations for p in ("sampling", "reward", "training")}
+    common: tuple[Any, Any] = (ShapesBenchmark(), ShapesGenEval())
+    loop = LoopConfig(iterations=warmup + iterations, evaluate=False)  # 16 prompts x 8 images
+    eval_seconds = None
+    if suite_name is not None:  # the suite's benchmark, reward and batch geometry, and one timed evaluation
+        from harness.runner import build_benchmark, build_reward
+        from harness.suite import load_suite
+
+        suite = load_suite(suite_name)
+        common = (build_benchmark(suite), build_reward(suite))
+        spec = suite.config.train
+        loop = replace(loop, prompts_per_iteration=spec.prompts_per_iteration, images_per_prompt=spec.images_per_prompt)
+        started = time.perf_counter()
+        evaluate_policy(load_shapes_policy(), common[0], make_sampler(suite.config.eval.sampler),
+                        suite.eval_settings(variant.label), progress=False)  # fmt: skip
+        eval_seconds = time.perf_counter() - started
+    rows: list[dict[str, float]] = []
+    ledger = train(variant.method, variant.config, load_shapes_policy(), *common, loop, OptimConfig(lr=1e-5),
+                   progress=False, on_iteration=rows.append).ledger  # fmt: skip
+    timed = rows[warmup:]  # the warm-up iterations (first calls, FLOP counting) are not timed
+    per_iteration = {
+        p: sum(r[f"time/{p}_seconds"] for r in timed) / iterations for p in ("sampling", "reward", "training")
+    }
+    fwd_before = rows[warmup - 1]["compute/fwd_equiv"] if warmup else 0
     queue.put({
         "run": variant.label,
         **{f"{p}_s": round(v, 2) for p, v in per_iteration.items()},
         "total_s": round(sum(per_iteration.values()), 2),
-        "fwd_equiv_per_iteration": (full.fwd_equiv - warm.fwd_equiv) // iterations,
+        "fwd_equiv_per_iteration": int(ledger.fwd_equiv - fwd_before) // iterations,
+        "eval_s": None if eval_seconds is None else round(eval_seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     })  # fmt: skip
 
 
-def bench_methods(out: Path, iterations: int = 2, warmup: int = 1, threads: int = 2) -> Path:
-    """Measure every default variant; write ``bench_methods.md`` and ``.json`` into ``out``."""
+def _suite_variants(suite_name: str) -> tuple[Variant, ...]:
+    from harness.suite import load_suite
+
+    suite = load_suite(suite_name)
+    return tuple(Variant(m.label, m.method, suite.method_configs[m.label], m.eval_cfg) for m in suite.config.methods)
+
+
+def estimate_suite_seconds(rows: list[dict[str, Any]], suite_name: str) -> tuple[float, dict[str, float]]:
+    """A suite's wall time from measured per-iteration and per-evaluation costs (no harness overhead).
+
+    Per cell: iterations to reach the budget × seconds per iteration + one evaluation per eval point;
+    the untrained model is evaluated once per eval protocol.
+    """
+    from harness.suite import load_suite
+
+    suite = load_suite(suite_name)
+    budget = suite.config.budget
+    if budget.unit != "fwd_equiv":
+        raise ValueError(f"estimates need a fwd_equiv budget; {suite_name} uses {budget.unit}")
+    per_cell = {}
+    for row in rows:
+        iterations = math.ceil(budget.amount / row["fwd_equiv_per_iteration"])
+        per_cell[row["run"]] = iterations * row["total_s"] + len(budget.fractions) * row["eval_s"]
+    protocols = {m.eval_cfg: next(r["eval_s"] for r in rows if r["run"] == m.label) for m in suite.config.methods}
+    return len(suite.config.seeds) * sum(per_cell.values()) + sum(protocols.values()), per_cell
+
+
+def bench_methods(
+    out: Path, iterations: int = 2, warmup: int = 1, threads: int = 2, suite_name: str | None = None
+) -> Path:
+    """Measure every default variant (or every variant of a suite); write a Markdown table and JSON into ``out``."""
     context = mp.get_context("spawn")
     rows = []
-    for variant in DEFAULT_VARIANTS:
+    variants = _suite_variants(suite_name) if suite_name else DEFAULT_VARIANTS
+    for variant in variants:
         queue = context.Queue()
-        process = context.Process(target=_measure, args=(variant, iterations, warmup, threads, queue))
+        process = context.Process(target=_measure, args=(variant, iterations, warmup, threads, queue, suite_name))
         process.start()
         rows.append(queue.get())
         process.join()
     device = f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_methods.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
+    name = f"bench_{suite_name}" if suite_name else "bench_methods"
+    (out / f"{name}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
     lines = [
-        "| run | sampling s | reward s | training s | total s/iter | fwd_equiv/iter | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| run | sampling s | reward s | training s | total s/iter | fwd_equiv/iter | eval s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['run']} | {r['sampling_s']} | {r['reward_s']} | {r['training_s']} | {r['total_s']} | "
-        f"{r['fwd_equiv_per_iteration']:,} | {r['peak_rss_mb']} |"
+        f"{r['fwd_equiv_per_iteration']:,} | {r['eval_s'] if r['eval_s'] is not None else '–'} | {r['peak_rss_mb']} |"
         for r in rows
     ]
-    footer = f"\nCPU ({device}); 16 prompts x 8 images per iteration, mean of {iterations} after {warmup} warm-up. Made by `diffrl bench methods --out {out}`.\n"
-    (out / "bench_methods.md").write_text("\n".join(lines) + "\n" + footer)
-    return out / "bench_methods.md"
+    geometry = "the suite's batch geometry" if suite_name else "16 prompts x 8 images per iteration"
+    command = f"diffrl bench methods{f' --suite {suite_name}' if suite_name else ''} --out {out}"
+    footer = f"\nCPU ({device}); {geometry}, mean of {iterations} after {warmup} warm-up. Made by `{command}`.\n"
+    if suite_name:
+        total, _ = estimate_suite_seconds(rows, suite_name)
+        footer += (
+            f"\nEstimated wall time of `diffrl run {suite_name}` from these costs (iterations to the budget x "
+            f"s/iteration + one evaluation per eval point, harness overhead excluded): {total / 60:.0f} min.\n"
+        )
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n" + footer)
+    return out / f"{name}.md"
+
+
+def overhead_table(timing: dict[str, Any], suite: str, command: str) -> str:
+    """Markdown: where a suite run's wall time went (from its ``timing.json``)."""
+    wall = timing["wall_seconds"]
+    parts = {**{f"method {k}": v for k, v in timing["method_seconds"].items()},
+             "evaluation": timing["eval_seconds"], "harness overhead": timing["harness_seconds"]}  # fmt: skip
+    lines = ["| part | seconds | share of wall time |", "|---|---|---|"]
+    lines += [f"| {name} | {seconds:.1f} | {seconds / wall:.1%} |" for name, seconds in parts.items()]
+    lines.append(f"| **wall** | {wall:.1f} | 100% |")
+    footer = (
+        f"\nSuite {suite}, {timing['torch_threads']} torch threads. Harness overhead is everything but the methods' "
+        f"sampling, reward and training and the evaluations (suite set-up, prompts, checkpoints, result files, "
+        f"sample grids, trackers, tables and plots). Made by `{command}`.\n"
+    )
+    return "\n".join(lines) + "\n" + footer
+
+
+def bench_overhead(suite_name: str, out: Path, threads: int = 2) -> Path:
+    """Run ``suite_name`` from scratch in a temporary folder; write its wall-time breakdown to ``out``."""
+    import tempfile
+
+    from harness.report import write_report
+    from harness.runner import run_suite
+    from harness.suite import load_suite
+
+    torch.set_num_threads(threads)
+    suite = load_suite(suite_name)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        outcome = run_suite(suite, Path(folder), progress=False)
+        write_report(Path(folder))  # part of what `diffrl run` does
+        total = time.perf_counter() - started
+        timing = json.loads((Path(folder) / "timing.json").read_text())
+    if outcome.failed:
+        raise RuntimeError(f"{len(outcome.failed)} cells failed; the overhead of a failed run is not meaningful")
+    report_seconds = total - timing["wall_seconds"]
+    timing["harness_seconds"] += report_seconds
+    timing["wall_seconds"] = total
+    timing["harness_fraction"] = timing["harness_seconds"] / total
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"overhead_{suite.name}.md"
+    command = f"diffrl bench overhead --suite {suite_name} --threads {threads} --out {out}"
+    path.write_text(overhead_table(timing, suite.name, command))
+    (out / f"overhead_{suite.name}.json").write_text(json.dumps(timing, indent=2) + "\n")
+    return path

@@ -81,6 +81,17 @@ class Policy(Protocol):
         ...
 
 
+@runtime_checkable
+class ResumablePolicy(Policy, Protocol):
+    """A Policy whose weight sets can be saved and restored (needed to checkpoint and resume a run)."""
+
+    def weight_state(self, which: WeightSet) -> dict[str, Tensor]:
+        """A copy of the tensors of one weight set ("train" or "old"; "ref" never changes)."""
+        ...
+
+    def load_weight_state(self, which: WeightSet, state: dict[str, Tensor]) -> None: ...
+
+
 def guided_velocity(
     policy: Policy, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance_scale: float
 ) -> Tensor:

@@ -4,6 +4,12 @@ collect (sampling) → decode and reward (sampling / reward) → method.update (
 soft updates inside the method's optimizer steps → evaluate the EMA weights on schedule.
 Prompts, initial noise and eval noise come from :mod:`harness.seeding`, so two methods with the
 same seed see the same training prompts and the same eval images' noise.
+
+With a checkpoint path the loop is resumable: it saves θ, θ_old, the optimizer, the EMA, the
+ledger, the prompt generator and its logs atomically after every evaluation and every
+``checkpoint_every`` iterations, and a rerun continues from there. Every other random draw is a
+pure function of ``(seed, role, iteration)``, so a resumed run gives the same numbers on the CPU
+as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.base import Benchmark
+from harness.budget import Budget
 from harness.compute import CountingPolicy, Ledger
-from harness.evaluate import EvalSettings, evaluate_policy
+from harness.evaluate import EvalOutput, EvalSettings, evaluate_policy
 from harness.optim import OptimConfig, Optimization
 from harness.policy import Policy
+from harness.resume import LoopState, load_checkpoint, save_checkpoint
 from harness.samplers import make_sampler
 from harness.seeding import generator, numpy_rng
 from methods import METHODS
@@ -37,14 +45,15 @@ class LoopConfig:
     """Batch geometry, budget and eval schedule of one training run."""
 
     iterations: int = 20  # the cap on iterations
-    budget_fwd_equiv: int = 0  # also stop once this many forward-equivalents are spent (0: no budget)
+    budget: Budget | None = None  # also stop once it is spent, and evaluate at its fractions
     prompts_per_iteration: int = 16
     images_per_prompt: int = 8  # group size
     seed: int = 0
-    eval_every: int = 0  # iterations between evaluations (0: only before and after training)
+    eval_every: int = 0  # also evaluate every N iterations (0: only before and after training, and budget points)
     evaluate: bool = True  # False only for speed measurements
     eval_sampler: str = "euler"
     eval: EvalSettings = field(default_factory=EvalSettings)
+    checkpoint_every: int = 5  # iterations between checkpoints (with a checkpoint path; evaluations always save)
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -62,6 +71,8 @@ class TrainResult:
     iterations: list[dict[str, float]]
     evaluations: list[dict[str, float]]
     ledger: Ledger
+    resumed_from: int = 0  # the iteration a checkpoint resumed at (0: a fresh run)
+    session_seconds: dict[str, float] = field(default_factory=dict)  # per phase, this session only
 
 
 def build_method(name: str, method_cfg: Any, policy: Policy, optim_cfg: OptimConfig) -> tuple[Any, Optimization]:
@@ -71,6 +82,9 @@ def build_method(name: str, method_cfg: Any, policy: Policy, optim_cfg: OptimCon
         raise TypeError(f"method {name!r} takes a {method_cls.Config.__name__}, got {type(method_cfg).__name__}")
     optim = Optimization(policy.trainable_parameters(), optim_cfg, ema_interval=method_cfg.ema_interval)
     return method_cls(method_cfg, policy, optim), optim
+
+
+EvalCallback = Callable[[dict[str, float], EvalOutput | None], None]
 
 
 def train(
@@ -83,36 +97,77 @@ def train(
     optim_cfg: OptimConfig,
     *,
     progress: bool = True,
-    on_eval: Callable[[dict[str, float]], None] | None = None,
+    label: str | None = None,
+    on_eval: EvalCallback | None = None,
+    on_iteration: Callable[[dict[str, float]], None] | None = None,
+    checkpoint: Path | None = None,
+    fingerprint: str = "",
+    initial_scores: dict[str, float] | None = None,
 ) -> TrainResult:
-    """Train ``method_name`` on ``benchmark`` prompts with ``reward``; evaluate EMA weights on schedule."""
+    """Train ``method_name`` on ``benchmark`` prompts with ``reward``; evaluate EMA weights on schedule.
+
+    ``checkpoint``: save the run there and resume from it if it exists (``fingerprint`` must match
+    the one it was written with). ``initial_scores``: the eval scores of the untrained model when
+    already known (they do not depend on the method or the seed), so iteration 0 is not re-sampled.
+    ``on_eval`` receives each evaluation row and its images (None for ``initial_scores``).
+    """
     torch.manual_seed(loop.seed)
     ledger = Ledger()
     counted = CountingPolicy(policy, ledger)
     method, optim = build_method(method_name, method_cfg, counted, optim_cfg)
     eval_sampler = make_sampler(loop.eval_sampler)
     prompt_rng = numpy_rng(loop.seed, "train-prompts")
+    budget = loop.budget
+    points = [f * budget.amount for f in budget.fractions] if budget else []
+    state = LoopState()
+    if checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint, policy, optim, ledger, prompt_rng, method, fingerprint, reward)
+        log.info("resumed %s from %s at iteration %d", label or method_name, checkpoint, state.iteration)
+    resumed_from, seconds_before = state.iteration, dict(ledger.seconds)
     started = time.perf_counter()
-    iterations: list[dict[str, float]] = []
-    evaluations: list[dict[str, float]] = []
 
-    def evaluate(iteration: int) -> None:
-        if not loop.evaluate:
-            return
-        with ledger.phase("eval"), optim.ema.applied():
-            output = evaluate_policy(counted, benchmark, eval_sampler, loop.eval, progress=False)
-        row = {"seed": loop.seed, "iteration": iteration, "optimizer_steps": optim.global_step, **ledger.snapshot(),
-               **{f"eval/{k}": v for k, v in output.scores.items()}}  # fmt: skip
-        evaluations.append(row)
-        log.info("eval @%d: overall %.3f", iteration, output.scores["overall"])
+    def elapsed() -> float:
+        return state.elapsed + time.perf_counter() - started
+
+    def save() -> None:
+        if checkpoint is not None:
+            saved_elapsed, state.elapsed = state.elapsed, elapsed()
+            save_checkpoint(checkpoint, state, policy, optim, ledger, prompt_rng, method, fingerprint, reward)
+            state.elapsed = saved_elapsed
+
+    def evaluate(iteration: int, point: int | None) -> None:
+        output: EvalOutput | None = None
+        if iteration == 0 and initial_scores is not None:
+            scores = initial_scores
+        else:
+            with ledger.phase("eval"), optim.ema.applied():
+                output = evaluate_policy(counted, benchmark, eval_sampler, loop.eval, progress=False)
+            scores = output.scores
+        row: dict[str, Any] = {"seed": loop.seed, "iteration": iteration, "optimizer_steps": optim.global_step}
+        if budget is not None:  # eval point k ≥ 1 is the k-th budget fraction; 0 the untrained model
+            if iteration == 0:
+                row["eval_point"], row["budget/fraction"] = 0, 0.0
+            elif point is not None:
+                row["eval_point"], row["budget/fraction"] = point + 1, budget.fractions[point]
+            else:  # an eval_every evaluation between budget points
+                row["eval_point"], row["budget/fraction"] = None, None
+        row |= {**ledger.snapshot(), "time/elapsed": round(elapsed(), 3), **{f"eval/{k}": v for k, v in scores.items()}}
+        state.evaluations.append(row)
+        log.info("eval @%d: overall %.3f", iteration, scores["overall"])
         if on_eval is not None:
-            on_eval(row)
+            on_eval(row, output)
 
-    evaluate(0)
-    steps = range(1, loop.iterations + 1)
-    # With a compute budget the iteration count is unknown: show a counter, not a bar to the cap.
-    bar = tqdm(iter(steps) if loop.budget_fwd_equiv else steps, desc=method_name, unit="it", disable=not progress)
-    for iteration in bar:
+    if state.iteration == 0 and not state.evaluations and loop.evaluate:
+        evaluate(0, None)
+        save()
+    bar = tqdm(
+        total=budget.amount if budget else loop.iterations, initial=budget.spent(ledger, state.iteration) if budget else state.iteration,
+        desc=label or method_name, unit=budget.unit if budget else "it", disable=not progress, dynamic_ncols=True,
+    )  # fmt: skip
+    finished = state.iteration >= loop.iterations or (budget is not None and budget.done(ledger, state.iteration))
+    while not finished:
+        iteration = state.iteration + 1
+        seconds_before_iteration = dict(ledger.seconds)
         prompts = benchmark.train_prompts(loop.prompts_per_iteration, prompt_rng)
         expanded = [p for p in prompts for _ in range(loop.images_per_prompt)]
         group_ids = torch.arange(len(prompts)).repeat_interleave(loop.images_per_prompt)
@@ -124,12 +179,27 @@ def train(
         with ledger.phase("training"):
             logs = method.update(rollout, rewards, generator(loop.seed, "update", iteration))
         row = {"iteration": iteration, "train/reward_mean": rewards.mean().item(), "train/reward_std": rewards.std().item(),
-               **logs, "compute/fwd_equiv": ledger.fwd_equiv, "time/elapsed": time.perf_counter() - started}  # fmt: skip
-        iterations.append(row)
+               **logs, "compute/fwd_equiv": ledger.fwd_equiv, "time/elapsed": round(elapsed(), 3),
+               **{f"time/{p}_seconds": round(ledger.seconds[p] - seconds_before_iteration[p], 4)
+                  for p in ("sampling", "reward", "training")}}  # fmt: skip
+        state.iterations.append(row)
+        state.iteration = iteration
+        if on_iteration is not None:
+            on_iteration(row)
+        bar.update((budget.spent(ledger, iteration) if budget else iteration) - bar.n)
         bar.set_postfix(reward=f"{row['train/reward_mean']:.3f}")
-        done = iteration == loop.iterations or 0 < loop.budget_fwd_equiv <= ledger.fwd_equiv
-        if done or (loop.eval_every and iteration % loop.eval_every == 0):
-            evaluate(iteration)
-        if done:
-            break
-    return TrainResult(iterations, evaluations, ledger)
+        finished = iteration >= loop.iterations or (budget is not None and budget.done(ledger, iteration))
+        point = None  # the last budget eval point this iteration reached
+        while budget is not None and state.next_eval_point < len(points):
+            if budget.spent(ledger, iteration) < points[state.next_eval_point]:
+                break
+            point, state.next_eval_point = state.next_eval_point, state.next_eval_point + 1
+        due = finished or point is not None or (loop.eval_every and iteration % loop.eval_every == 0)
+        if due and loop.evaluate:
+            evaluate(iteration, point)
+            save()
+        elif finished or iteration % loop.checkpoint_every == 0:
+            save()
+    bar.close()
+    session = {phase: ledger.seconds[phase] - seconds_before[phase] for phase in ledger.seconds}
+    return TrainResult(state.iterations, state.evaluations, ledger, resumed_from, session)

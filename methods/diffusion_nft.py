@@ -17,6 +17,11 @@ and the official code is the default:
   fresh noise per (sample, step) (``timesteps="schedule"``, default); uniform or logit-normal t
   as options.
 
+Positive-only ablation (paper §5 ablations, "removing the negative branch" makes rewards
+collapse almost instantly): ``negative_branch=False`` drops the ``(1 − r)·L⁻`` term, leaving
+``r·L⁺`` (a reward-weighted regression towards ``v⁺``); :data:`POSITIVE_ONLY` is that preset.
+The default (True) is the full objective, numerically unchanged.
+
 After each collection's optimizer step(s) the sampling policy is soft-updated,
 ``θ_old ← η·θ_old + (1 − η)·θ`` (decay type 1: ``η = min(0.001·step, 0.5)``; type 2, the OCR
 schedule; type 0: η = 0), and an EMA of θ is what evaluation uses (the harness's EMA).
@@ -59,6 +64,10 @@ class DiffusionNFTConfig:
     optimizer_steps_per_iteration: int = 1  # 2 for OCR in the official code
     train_batch_size: int = 64
     ema_interval: int = 1
+    negative_branch: bool = True  # False: the positive-only ablation, loss r·L⁺ only
+
+
+POSITIVE_ONLY = DiffusionNFTConfig(negative_branch=False)  # DiffusionNFT's positive-only ablation
 
 
 def optimality_probability(
@@ -90,6 +99,7 @@ def nft_loss(
     kl_coef: float = 1e-4,
     adv_clip_max: float = 5.0,
     loss_space: Literal["x0", "v"] = "x0",
+    negative_branch: bool = True,
 ) -> Tensor:
     """The NFT objective (DiffusionNFT Thm 3.2 / Eq. 5; official x0-space form by default). Scalar.
 
@@ -101,6 +111,7 @@ def nft_loss(
     * ``"v"`` (paper Eq. 5): ``r·‖v⁺ − v‖² + (1 − r)·‖v⁻ − v‖²`` (mean over dims), ``v = (x_t − x0)/t``.
 
     Both add ``kl_coef·mean((v_θ − v_ref)²)``. ``v_old`` and ``v_ref`` are treated as constants.
+    ``negative_branch=False`` is the positive-only ablation: the ``(1 − r)`` term is dropped.
     """
     if t.ndim != 1 or t.shape[0] != x0.shape[0]:
         raise ValueError(f"t must have shape (B,) = ({x0.shape[0]},), got {tuple(t.shape)}")
@@ -109,17 +120,23 @@ def nft_loss(
     v_old, v_ref = v_old.detach(), v_ref.detach()
     t_ = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
     v_pos = (1 - beta) * v_old + beta * v_theta
-    v_neg = (1 + beta) * v_old - beta * v_theta
+    # Only the branches in use are computed: the positive-only ablation never builds v⁻ or L⁻.
+    branches = [v_pos, (1 + beta) * v_old - beta * v_theta] if negative_branch else [v_pos]
     if loss_space == "x0":
         losses = []
-        for v_branch in (v_pos, v_neg):
+        for v_branch in branches:
             error = (x_t - t_ * v_branch) - x0
             weight = _mean_nonbatch(error.double().abs()).clamp(min=1e-5).detach()
             losses.append(_mean_nonbatch(error**2) / weight.to(error.dtype))
-        policy_loss = (adv_clip_max / beta) * (r * losses[0] + (1 - r) * losses[1])
+        if negative_branch:
+            policy_loss = (adv_clip_max / beta) * (r * losses[0] + (1 - r) * losses[1])
+        else:
+            policy_loss = (adv_clip_max / beta) * (r * losses[0])
     else:
         target = (x_t - x0) / t_
-        policy_loss = r * _mean_nonbatch((v_pos - target) ** 2) + (1 - r) * _mean_nonbatch((v_neg - target) ** 2)
+        policy_loss = r * _mean_nonbatch((v_pos - target) ** 2)
+        if negative_branch:
+            policy_loss = policy_loss + (1 - r) * _mean_nonbatch((branches[1] - target) ** 2)
     kl = ((v_theta - v_ref) ** 2).mean()
     return policy_loss.mean() + kl_coef * kl
 
@@ -196,7 +213,8 @@ class DiffusionNFT:
                     with torch.no_grad(), policy.use_weights("ref"):
                         v_ref = policy.velocity(x_t, t, cond)
                     loss = nft_loss(v_theta, v_old, v_ref, x0, x_t, t, r[sel], beta=cfg.beta, kl_coef=cfg.kl_coef,
-                                    adv_clip_max=cfg.adv_clip_max, loss_space=cfg.loss_space)  # fmt: skip
+                                    adv_clip_max=cfg.adv_clip_max, loss_space=cfg.loss_space,
+                                    negative_branch=cfg.negative_branch)  # fmt: skip
                     self.optim.backward(loss, scale=1.0 / passes)
                     total += loss.item() / passes
                     total_kl += ((v_theta.detach() - v_ref) ** 2).mean().item() / passes

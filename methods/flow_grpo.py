@@ -35,7 +35,7 @@ from harness.rollout import rollout
 from harness.samplers import FlowSDE, flow_schedule, flow_sde_step
 from methods.base import Rollout
 
-__all__ = ["FlowGRPO", "FlowGRPOConfig", "flow_sde_step", "grpo_loss"]
+__all__ = ["FlowGRPO", "FlowGRPOConfig", "flow_sde_step", "gaussian_kl_mean", "grpo_loss", "optimizer_chunks"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,27 @@ def grpo_loss(
     if kl is not None:
         loss = loss + kl_coef * kl.mean()
     return loss
+
+
+def optimizer_chunks(keep: Tensor, steps: int, generator: torch.Generator) -> list[Tensor]:
+    """Split the kept sample indices into ``steps`` near-equal chunks, one per optimizer step.
+
+    With more than one step the indices are shuffled first (one ``randperm`` from ``generator``), as in the
+    official code; with one step they stay in order and nothing is drawn.
+    """
+    if steps > 1:
+        keep = keep[torch.randperm(len(keep), generator=generator)]
+    return [keep[s] for s in iter_batches(len(keep), -(-len(keep) // steps))]
+
+
+def gaussian_kl_mean(mean: Tensor, mean_ref: Tensor, sigma: Tensor) -> Tensor:
+    """FlowGRPO's per-sample KL ``mean_dims(μ_θ − μ_ref)² / (2σ²)``, (B,) (official ``train_sd3.py``).
+
+    The KL of two Gaussians with one isotropic std, averaged over dims instead of summed; ``sigma``
+    (B,) or (B, 1, …, 1) is the Flow-SDE's σ_t *without* sqrt(−dt) (the official code; the paper's
+    Eq. 10 has σ_t²·Δt), or CPS's step std s in FlowGRPO-Fast.
+    """
+    return ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * sigma.flatten() ** 2)
 
 
 class FlowGRPO:
@@ -133,9 +154,7 @@ class FlowGRPO:
             logs["train/skipped"] = 1.0  # every group had all-equal rewards: no signal, no step
             return logs
         n_train = max(1, int(cfg.num_steps * cfg.timestep_fraction))
-        if cfg.optimizer_steps_per_iteration > 1:  # samples shuffled across optimizer steps, as the official code
-            keep = keep[torch.randperm(len(keep), generator=generator)]
-        chunks = [keep[s] for s in iter_batches(len(keep), -(-len(keep) // cfg.optimizer_steps_per_iteration))]
+        chunks = optimizer_chunks(keep, cfg.optimizer_steps_per_iteration, generator)
         stats = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         first_check = cfg.check_on_policy
         for chunk in chunks:
@@ -159,9 +178,7 @@ class FlowGRPO:
                     if cfg.kl_coef > 0:
                         with torch.no_grad(), policy.use_weights("ref"):
                             _, mean_ref, _ = self._step_terms(trajectory.latents, sel, j, cond, uncond)
-                        kl = ((mean - mean_ref) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (
-                            2 * std_dev_t.flatten() ** 2
-                        )
+                        kl = gaussian_kl_mean(mean, mean_ref, std_dev_t)
                     loss = grpo_loss(
                         log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef
                     )

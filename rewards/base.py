@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from benchmarks.base import Prompt
+
+if TYPE_CHECKING:
+    from rewards.normalize import Normalizer
 
 
 class RewardError(RuntimeError):
@@ -53,31 +56,61 @@ def check_scores(name: str, scores: Tensor, batch: int) -> Tensor:
 
 
 class WeightedReward:
-    """``Σ_k w_k · reward_k``: a weighted sum of raw scores, as FlowGRPO/DiffusionNFT's ``multi_score``."""
+    """``Σ_k w_k · reward_k``: a weighted sum of raw scores, as FlowGRPO/DiffusionNFT's ``multi_score``.
 
-    def __init__(self, rewards: Mapping[str, Reward], weights: Mapping[str, float]) -> None:
+    ``normalizers`` (optional, per reward key; see :mod:`rewards.normalize`) map a reward's raw scores
+    to a common scale before weighting: ``Σ_k w_k · n_k(reward_k)``; keys without one stay raw.
+    ``last_components`` always holds the raw scores, ``last_normalized`` the normalised ones.
+    """
+
+    def __init__(
+        self,
+        rewards: Mapping[str, Reward],
+        weights: Mapping[str, float],
+        normalizers: Mapping[str, Normalizer] | None = None,
+    ) -> None:
         if set(rewards) != set(weights):
             raise ValueError(f"rewards {sorted(rewards)} and weights {sorted(weights)} must name the same rewards")
         self.rewards, self.weights = dict(rewards), dict(weights)
-        low = sum(min(w * r.spec.value_range[0], w * r.spec.value_range[1]) for r, w in self._pairs())
-        high = sum(max(w * r.spec.value_range[0], w * r.spec.value_range[1]) for r, w in self._pairs())
+        self.normalizers = dict(normalizers or {})
+        if not set(self.normalizers) <= set(rewards):
+            raise ValueError(f"normalizers {sorted(self.normalizers)} name rewards not in {sorted(rewards)}")
+        ranges = [(self._range(k), self.weights[k]) for k in self.rewards]
+        low = sum(min(w * r[0], w * r[1]) for r, w in ranges)
+        high = sum(max(w * r[0], w * r[1]) for r, w in ranges)
         self.spec = RewardSpec(
-            name="+".join(f"{w:g}*{k}" for k, w in self.weights.items()),
+            name="+".join(f"{w:g}*{k}{self._tag(k)}" for k, w in self.weights.items()),
             version="+".join(r.spec.version for r in self.rewards.values()),
-            description="weighted sum of " + ", ".join(self.rewards),
+            description="weighted sum of " + ", ".join(f"{k}{self._tag(k)}" for k in self.rewards),
             value_range=(low, high),
             differentiable=all(r.spec.differentiable for r in self.rewards.values()),
         )
         self.last_components: dict[str, Tensor] = {}
+        self.last_normalized: dict[str, Tensor] = {}
 
-    def _pairs(self) -> list[tuple[Reward, float]]:
-        return [(self.rewards[k], self.weights[k]) for k in self.rewards]
+    def _range(self, key: str) -> tuple[float, float]:
+        raw = self.rewards[key].spec.value_range
+        return self.normalizers[key].output_range(raw) if key in self.normalizers else raw
+
+    def _tag(self, key: str) -> str:
+        return f"[{self.normalizers[key].describe()}]" if key in self.normalizers else ""
+
+    def state_dict(self) -> dict[str, object]:
+        """State of the stateful normalizers (running statistics), for checkpoints."""
+        return {k: n.state_dict() for k, n in self.normalizers.items() if hasattr(n, "state_dict")}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        for key, value in state.items():
+            self.normalizers[key].load_state_dict(value)  # type: ignore[attr-defined]
 
     def __call__(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
         total = torch.zeros(images.shape[0])
-        self.last_components = {}
+        self.last_components, self.last_normalized = {}, {}
         for key, reward in self.rewards.items():
             scores = check_scores(key, reward(images, prompts), images.shape[0])
             self.last_components[key] = scores
-            total += self.weights[key] * scores
+            if key in self.normalizers:
+                scores = check_scores(f"{key} (normalized)", self.normalizers[key](scores), images.shape[0])
+            self.last_normalized[key] = scores
+            total = total + self.weights[key] * scores
         return total

@@ -3,6 +3,7 @@
 import pytest
 
 from benchmarks.shapes.benchmark import ShapesBenchmark
+from harness.budget import Budget
 from harness.evaluate import EvalSettings
 from harness.optim import OptimConfig
 from harness.trainer import LoopConfig, train
@@ -12,6 +13,11 @@ from rewards.shapes import ShapesGenEval
 SMALL = {
     "diffusion_nft": {"num_steps": 3},
     "flow_grpo": {"num_steps": 3, "rollout_cfg": 2.0, "train_cfg": 2.0},
+    "raft": {"num_steps": 3},
+    "rwr": {"num_steps": 3},
+    "online_dpo": {"num_steps": 3, "guidance_scale": 2.0, "ref_update_step": 1},
+    "awm": {"num_steps": 3, "train_timesteps": 2},
+    "flow_grpo_fast": {"num_steps": 4, "sde_window_size": 2, "sde_window_range": (0, 3)},
 }
 
 
@@ -30,7 +36,13 @@ def test_two_iterations_through_the_loop(name, tiny_policy):
 
 
 def test_budget_stops_every_method_at_the_same_compute(tiny_policy):
-    loop = LoopConfig(iterations=50, budget_fwd_equiv=300, prompts_per_iteration=2, images_per_prompt=3, evaluate=False)
+    loop = LoopConfig(
+        iterations=50,
+        budget=Budget(unit="fwd_equiv", amount=300),
+        prompts_per_iteration=2,
+        images_per_prompt=3,
+        evaluate=False,
+    )
     bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
     cfg = METHODS.get("diffusion_nft").Config(num_steps=3)
     result = train(

@@ -1,9 +1,12 @@
-"""DiffusionNFT's pure functions against identities of the paper and hand-computed values."""
+"""DiffusionNFT's pure functions against paper identities and hand-computed values; the positive-only ablation."""
+
+import dataclasses
 
 import pytest
 import torch
 
-from methods.diffusion_nft import nft_loss, optimality_probability, soft_update_eta
+from methods.diffusion_nft import POSITIVE_ONLY, DiffusionNFTConfig, nft_loss, optimality_probability, soft_update_eta
+from tests.methods.forward_smoke import loop_smoke
 
 
 def test_optimality_probability_official_formula():
@@ -133,3 +136,51 @@ def test_update_costs_three_passes_per_sample_step_and_moves_only_theta(tiny_pol
     # old = 0.001·old + 0.999·θ after the step
     old = tiny_policy.weight_state("old")
     assert all(torch.allclose(old[key], 0.001 * ref_before[key] + 0.999 * theta[key], atol=1e-6) for key in theta)
+
+
+# Positive-only ablation (negative branch dropped); the default is unchanged.
+
+
+def hand_case():
+    # One sample, two dims, t = 0.5 (the case of test_diffusion_nft): x_t = (1, 1), v = ε − x0 = (2, −2).
+    x0, x_t, t = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([0.5])
+    v_old, v_theta, v_ref = torch.tensor([[1.0, -1.0]]), torch.tensor([[3.0, -1.0]]), torch.tensor([[1.0, -2.0]])
+    return v_theta, v_old, v_ref, x0, x_t, t, torch.tensor([0.75])
+
+
+def test_positive_only_drops_the_negative_term_hand_computed():
+    args = hand_case()
+    # x0-space: L⁺ = 0.5 (as test_diffusion_nft) → (A_max/β)·r·L⁺ = 10·0.75·0.5 = 3.75, KL 0.1·2.5.
+    assert nft_loss(*args, beta=0.5, kl_coef=0.1, negative_branch=False).item() == pytest.approx(3.75 + 0.25)
+    # v-space: ‖v⁺ − v‖² = 0.5 → 0.75·0.5 = 0.375, plus KL.
+    got = nft_loss(*args, beta=0.5, kl_coef=0.1, loss_space="v", negative_branch=False).item()
+    assert got == pytest.approx(0.375 + 0.25)
+    # The default still includes the negative branch (values of test_diffusion_nft).
+    assert nft_loss(*args, beta=0.5, kl_coef=0.1).item() == pytest.approx(10 * (0.375 + 0.25 * 5 / 6) + 0.25)
+
+
+def test_positive_only_never_pushes_away_from_a_sample():
+    # At θ = old the full loss pushes v_θ away from low-reward samples (r < 0.5); positive-only pulls
+    # towards every sample, more weakly for lower r, and gives no gradient at r = 0.
+    g = torch.Generator().manual_seed(0)
+    x0, noise, v_old = (torch.randn(3, 2, 3, 3, generator=g) for _ in range(3))
+    t = torch.tensor([0.9, 0.5, 0.2])
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    r = torch.tensor([0.0, 0.3, 1.0])
+    direction = (noise - x0) - v_old  # towards the sample's target
+    for negative_branch, signs in ((True, [-1, -1, 1]), (False, [0, 1, 1])):
+        v_theta = v_old.clone().requires_grad_(True)
+        nft_loss(
+            v_theta, v_old, v_old, x0, x_t, t, r, beta=1.0, kl_coef=0.0, negative_branch=negative_branch
+        ).backward()
+        descent = (-v_theta.grad * direction).sum(dim=(1, 2, 3))
+        assert torch.sign(descent).tolist() == signs, negative_branch
+
+
+def test_positive_only_preset_and_defaults():
+    assert DiffusionNFTConfig().negative_branch is True
+    assert DiffusionNFTConfig(negative_branch=False) == POSITIVE_ONLY
+
+
+def test_positive_only_two_iterations_through_the_loop(tiny_policy):
+    loop_smoke("diffusion_nft", dataclasses.replace(POSITIVE_ONLY, num_steps=3), tiny_policy)

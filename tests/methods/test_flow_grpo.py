@@ -7,7 +7,7 @@ from benchmarks.base import Prompt
 from benchmarks.shapes.world import make_metadata
 from harness.compute import CountingPolicy, Ledger
 from harness.optim import OptimConfig, Optimization
-from methods.flow_grpo import FlowGRPO, FlowGRPOConfig, flow_sde_step, grpo_loss
+from methods.flow_grpo import FlowGRPO, FlowGRPOConfig, flow_sde_step, gaussian_kl_mean, grpo_loss
 
 
 def test_flow_sde_step_reexported_with_official_semantics():
@@ -36,6 +36,21 @@ def test_grpo_loss_clip_and_kl():
     lp = torch.zeros(3, requires_grad=True)
     grpo_loss(lp, old, torch.zeros(3), clip_range=1e-4).backward()
     assert lp.grad.abs().max() == 0
+
+
+def test_gaussian_kl_mean_hand_computed():
+    # Sample 1: Δμ = (1, 2) → mean Δμ² = 2.5, σ = 0.5 → 2.5/(2·0.25) = 5; sample 2: Δμ = (0, −2) → 2/(2·4) = 0.25.
+    mean = torch.tensor([[1.0, 3.0], [0.0, 0.0]]).reshape(2, 1, 1, 2)
+    mean_ref = torch.tensor([[0.0, 1.0], [0.0, 2.0]]).reshape(2, 1, 1, 2)
+    sigma = torch.tensor([0.5, 2.0]).reshape(2, 1, 1, 1)  # (B, 1, 1, 1), as flow_sde_step returns σ_t
+    assert gaussian_kl_mean(mean, mean_ref, sigma).tolist() == [5.0, 0.25]
+    assert torch.equal(gaussian_kl_mean(mean, mean_ref, sigma.flatten()), gaussian_kl_mean(mean, mean_ref, sigma))
+    # It is the closed-form KL of N(μ, σ²I) to N(μ_ref, σ²I), divided by the dimension (a mean, not a sum).
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, sigma.expand_as(mean)),
+        torch.distributions.Normal(mean_ref, sigma.expand_as(mean)),
+    )
+    assert torch.allclose(gaussian_kl_mean(mean, mean_ref, sigma), kl.mean(dim=(1, 2, 3)))
 
 
 def prompts(n_groups: int, group_size: int) -> tuple[list[Prompt], torch.Tensor]:

@@ -1,0 +1,288 @@
+"""``diffrl run SUITE``: every (variant, seed) cell of a suite through the shared loop, resumably.
+
+Layout of ``results/<suite>/``::
+
+    suite.yaml            the resolved config (every default filled in)
+    metadata.json         git commit, config hash, package versions, device, cell status
+    timing.json           wall time split into the methods' work, evaluation and harness overhead
+    base_evals.json       eval scores of the untrained model per eval protocol (shared by all cells)
+    results.csv/.parquet  the tidy table: one row per evaluation
+    cells/<variant>/seed<k>/
+        status.json       running | done | failed (with the error)
+        evals.jsonl       evaluation rows, iterations.jsonl: training logs
+        checkpoint.pt     the latest resumable state
+    samples/              eval sample grids per cell and eval point
+
+A finished cell is never rerun; an unfinished one resumes from its checkpoint; a failed one is
+recorded with its error while the other cells go on, and is retried by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from benchmarks.base import Benchmark, Prompt
+from harness.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from harness.budget import UNIT_COLUMNS
+from harness.config import call_checked
+from harness.evaluate import EvalOutput
+from harness.images import save_grid
+from harness.policy import Policy
+from harness.store import device_info, git_commit, package_versions, results_frame, write_results
+from harness.suite import Suite, _digest
+from harness.trackers import CellTrackers
+from harness.trainer import LoopConfig, train
+from rewards.base import Reward, WeightedReward
+from rewards.normalize import FixedRange, Normalizer, RunningMeanStd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellOutcome:
+    label: str
+    seed: int
+    status: str  # done | failed
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class SuiteOutcome:
+    out: Path
+    cells: list[CellOutcome]
+
+    @property
+    def failed(self) -> list[CellOutcome]:
+        return [c for c in self.cells if c.status == "failed"]
+
+
+def build_benchmark(suite: Suite) -> Benchmark:
+    from benchmarks import BENCHMARKS
+
+    spec = suite.config.benchmark
+    return call_checked(BENCHMARKS.get(spec.name), spec.options, "suite.benchmark.options")
+
+
+def build_reward(suite: Suite) -> Reward:
+    """The training reward: the registered reward itself, or a weighted sum of (optionally normalised) rewards."""
+    from rewards import REWARDS
+
+    terms = suite.config.rewards
+    rewards = {
+        key: call_checked(REWARDS.get(key), t.options, f"suite.rewards.{key}.options") for key, t in terms.items()
+    }
+    normalizers: dict[str, Normalizer] = {}
+    for key, term in terms.items():
+        if term.normalize == "fixed_range" and term.range is not None:
+            normalizers[key] = FixedRange(*term.range)
+        elif term.normalize == "running":
+            normalizers[key] = RunningMeanStd()
+    if len(rewards) == 1 and next(iter(terms.values())).weight == 1.0 and not normalizers:
+        return next(iter(rewards.values()))
+    return WeightedReward(rewards, {key: t.weight for key, t in terms.items()}, normalizers=normalizers)
+
+
+def load_policy(suite: Suite) -> Policy:
+    from benchmarks.shapes.checkpoint import load_shapes_policy
+
+    checkpoint = suite.config.model.checkpoint
+    return load_shapes_policy(Path(checkpoint) if checkpoint else None)
+
+
+def cell_dir(out: Path, label: str, seed: int) -> Path:
+    return out / "cells" / label / f"seed{seed}"
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+class SuiteRunner:
+    """Runs the cells of one suite into one folder; see the module docstring."""
+
+    def __init__(self, suite: Suite, out: Path, *, progress: bool = True) -> None:
+        self.suite, self.out, self.progress = suite, out, progress
+        self.cfg = suite.config
+        self.benchmark = build_benchmark(suite)
+        self.base_evals: dict[str, dict[str, float]] = read_json(out / "base_evals.json", {})
+        self.session = {"eval": 0.0, "sampling": 0.0, "reward": 0.0, "training": 0.0}
+
+    def run(self) -> SuiteOutcome:
+        started = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "suite.yaml", yaml.safe_dump(self.suite.resolved(), sort_keys=False))
+        cells = [(entry.label, seed) for entry in self.cfg.methods for seed in self.cfg.seeds]
+        self._check_earlier_runs(cells)
+        outcomes = []
+        for index, (label, seed) in enumerate(cells, 1):
+            tqdm.write(f"[{index}/{len(cells)}] {label} seed {seed}")
+            outcomes.append(self.run_cell(label, seed))
+        rows = [
+            {"suite": self.cfg.name, "method": self._method(o.label), "variant": o.label, **row}
+            for o in outcomes
+            if o.status == "done"
+            for row in o.evaluations
+        ]
+        if rows:
+            write_results(results_frame(rows), self.out)
+        self._write_metadata(outcomes)
+        self._write_timing(time.perf_counter() - started)
+        return SuiteOutcome(self.out, outcomes)
+
+    def _check_earlier_runs(self, cells: list[tuple[str, int]]) -> None:
+        """Refuse, before any compute, to resume cells that another configuration wrote."""
+        stale = []
+        for label, seed in cells:
+            status = read_json(cell_dir(self.out, label, seed) / "status.json", {})
+            if status and status.get("fingerprint") != self.suite.cell_fingerprint(label, seed):
+                stale.append(str(cell_dir(self.out, label, seed)))
+        if stale:
+            raise RuntimeError(
+                f"{len(stale)} cell folder(s) hold runs of another configuration of this suite ({', '.join(stale)}); "
+                "delete them, or write the suite to another folder with --out"
+            )
+
+    def _method(self, label: str) -> str:
+        return next(m.method for m in self.cfg.methods if m.label == label)
+
+    def run_cell(self, label: str, seed: int) -> CellOutcome:
+        folder = cell_dir(self.out, label, seed)
+        status = read_json(folder / "status.json", {})
+        fingerprint = self.suite.cell_fingerprint(label, seed)
+        if status.get("status") == "done" and status.get("fingerprint") == fingerprint:
+            tqdm.write(f"  done earlier: {len(read_jsonl(folder / 'evals.jsonl'))} evaluations kept")
+            return CellOutcome(label, seed, "done", read_jsonl(folder / "evals.jsonl"))
+        atomic_write_json(folder / "status.json", {"status": "running", "fingerprint": fingerprint})
+        trackers = CellTrackers(
+            self.cfg.trackers, f"{self.cfg.name}/{label}/seed{seed}", self.out / "trackers", self.suite.resolved()
+        )
+        try:
+            evaluations = self._train_cell(label, seed, folder, fingerprint, trackers)
+        except Exception as error:  # a failed cell is recorded; the other cells go on
+            message = f"{type(error).__name__}: {error}"
+            tqdm.write(f"  FAILED {label} seed {seed}: {message}")
+            atomic_write_json(
+                folder / "status.json",
+                {"status": "failed", "fingerprint": fingerprint, "error": message, "traceback": traceback.format_exc()},
+            )
+            return CellOutcome(label, seed, "failed", error=message)
+        finally:
+            trackers.finish()
+        atomic_write_json(folder / "status.json", {"status": "done", "fingerprint": fingerprint})
+        return CellOutcome(label, seed, "done", evaluations)
+
+    def _train_cell(self, label: str, seed: int, folder: Path, fingerprint: str, trackers: CellTrackers) -> list[dict]:
+        entry = next(m for m in self.cfg.methods if m.label == label)
+        settings = self.suite.eval_settings(label)
+        base_key = _digest([self.cfg.benchmark, self.cfg.model, self.cfg.eval, settings])
+        train_spec = self.cfg.train
+        loop = LoopConfig(
+            iterations=train_spec.max_iterations, budget=self.cfg.budget, seed=seed,
+            prompts_per_iteration=train_spec.prompts_per_iteration, images_per_prompt=train_spec.images_per_prompt,
+            eval_sampler=self.cfg.eval.sampler, eval=settings, checkpoint_every=train_spec.checkpoint_every,
+        )  # fmt: skip
+        evaluations = read_jsonl(folder / "evals.jsonl")
+        reward = build_reward(self.suite)  # per cell: running normalizers must not carry over between cells
+
+        def on_eval(row: dict[str, Any], output: EvalOutput | None) -> None:
+            if row["iteration"] == 0 and output is not None:
+                self.base_evals[base_key] = {k[5:]: v for k, v in row.items() if k.startswith("eval/")}
+                atomic_write_json(self.out / "base_evals.json", self.base_evals)
+            kept = [r for r in evaluations if r["iteration"] < row["iteration"]]  # a resumed run re-evaluates
+            evaluations[:] = [*kept, row]
+            atomic_write_jsonl(folder / "evals.jsonl", evaluations)
+            if output is not None and self.cfg.eval.grids:
+                self._save_grid(output, label, seed, row["eval_point"], settings.guidance_scale)
+            trackers.log(row, step=row["iteration"])
+            tqdm.write("  " + self._summary(row))
+
+        result = train(
+            entry.method, self.suite.method_configs[label], load_policy(self.suite), self.benchmark, reward, loop,
+            train_spec.optim, progress=self.progress, label=f"{label} s{seed}", on_eval=on_eval,
+            on_iteration=lambda row: trackers.log(row, step=int(row["iteration"])),
+            checkpoint=folder / "checkpoint.pt", fingerprint=fingerprint, initial_scores=self.base_evals.get(base_key),
+        )  # fmt: skip
+        for phase in self.session:
+            self.session[phase] += result.session_seconds[phase]
+        atomic_write_jsonl(folder / "iterations.jsonl", result.iterations)
+        atomic_write_jsonl(folder / "evals.jsonl", result.evaluations)
+        return result.evaluations
+
+    def _summary(self, row: dict[str, Any]) -> str:
+        """One line per evaluation: where in the budget, and the metrics."""
+        budget = self.cfg.budget
+        spent = row.get(UNIT_COLUMNS[budget.unit], row["iteration"])
+        metrics = " ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("eval/"))
+        fraction = row.get("budget/fraction")
+        where = f"{fraction:.0%}" if fraction is not None else "off-schedule"
+        return f"eval @ iteration {row['iteration']} ({budget.unit} {spent:,.0f}, {where} of budget): {metrics}"
+
+    def _save_grid(self, output: EvalOutput, label: str, seed: int, point: int | None, scale: float) -> None:
+        """Columns: tasks; rows: the first image of each task's first ``eval.grids`` prompts."""
+        picks = grid_indices(output.prompts, self.cfg.eval.grids, self.benchmark.images_per_prompt)
+        columns = len({p.tag for p in output.prompts})
+        if point == 0:  # the untrained model: one grid per eval protocol
+            save_grid(output.images[picks], self.out / "samples" / f"base_cfg{scale:g}.png", columns=columns)
+        elif point is not None:
+            path = self.out / "samples" / f"{label}_seed{seed}_point{point}.png"
+            save_grid(output.images[picks], path, columns=columns)
+
+    def _write_metadata(self, outcomes: list[CellOutcome]) -> None:
+        atomic_write_json(
+            self.out / "metadata.json",
+            {
+                "suite": self.cfg.name,
+                "source": self.suite.source,
+                "config_hash": self.suite.config_hash(),
+                "git": git_commit(),
+                "packages": package_versions(),
+                "device": device_info(),
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "cells": [{"variant": o.label, "seed": o.seed, "status": o.status, "error": o.error} for o in outcomes],
+            },
+        )
+
+    def _write_timing(self, wall: float) -> None:
+        """Wall time of this invocation, split into the methods' work, evaluation and everything else."""
+        method = sum(self.session[p] for p in ("sampling", "reward", "training"))
+        harness = wall - method - self.session["eval"]
+        atomic_write_json(
+            self.out / "timing.json",
+            {
+                "wall_seconds": round(wall, 2),
+                "method_seconds": {p: round(self.session[p], 2) for p in ("sampling", "reward", "training")},
+                "eval_seconds": round(self.session["eval"], 2),
+                "harness_seconds": round(harness, 2),
+                "harness_fraction": round(harness / wall, 4) if wall > 0 else None,
+                "torch_threads": torch.get_num_threads(),
+            },
+        )
+
+
+def grid_indices(prompts: Sequence[Prompt], per_task: int, images_per_prompt: int) -> list[int]:
+    """The first image of each task's first ``per_task`` eval prompts: row r holds every task's r-th prompt."""
+    by_task: dict[str, list[int]] = {}
+    for index in range(0, len(prompts), images_per_prompt):
+        by_task.setdefault(prompts[index].tag, []).append(index)
+    return [indices[r] for r in range(per_task) for indices in by_task.values() if r < len(indices)]
+
+
+def run_suite(suite: Suite, out: Path, *, progress: bool = True) -> SuiteOutcome:
+    """Run (or resume) every cell of ``suite`` into ``out``."""
+    return SuiteRunner(suite, out, progress=progress).run()

@@ -1,0 +1,314 @@
+"""Suite files: a head-to-head comparison declared in YAML and validated before any compute.
+
+A suite names the benchmark, the model, the training reward(s) with weights, the methods as
+named variants with their configs, the seeds, one compute budget with its eval fractions, and
+how the report reads the results. :func:`load_suite` checks every key and value (unknown keys
+with a did-you-mean, types, registered names, incompatible choices such as a method that needs
+transition log-probs with a deterministic sampler) and raises :class:`~harness.config.ConfigError`
+naming the key and what is allowed. Nothing runs until the whole file is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from harness.budget import Budget, Unit
+from harness.config import ConfigError, build, call_checked
+from harness.evaluate import EvalSettings
+from harness.optim import OptimConfig
+from harness.samplers import SAMPLERS, make_sampler
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkSpec:
+    name: str = "shapes"  # a registered benchmark (diffrl list benchmarks)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    kind: Literal["tiny_dit", "sd3"] = "tiny_dit"
+    checkpoint: str | None = None  # a folder or model id; None: the benchmark's committed base
+    finetune: Literal["full", "lora"] = "full"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardTerm:
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the reward's factory
+    # Before weighting: none (raw, as the official multi_score), fixed_range ((x − low)/(high − low),
+    # clamped to [0, 1]; needs `range`) or running (standardised by running mean and std).
+    normalize: Literal["none", "fixed_range", "running"] = "none"
+    range: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodEntry:
+    """One named variant: a registered method, its config overrides, and its evaluation protocol."""
+
+    label: str  # the variant's name in tables and plots, e.g. flow_grpo_cfg4.5
+    method: str  # a registered method (diffrl list methods)
+    config: dict[str, Any] = field(default_factory=dict)  # fields of the method's Config
+    eval_cfg: float = 1.0  # guidance at evaluation, as the method's official protocol
+    description: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSpec:
+    prompts_per_iteration: int = 16
+    images_per_prompt: int = 8
+    max_iterations: int = 100_000  # a safety cap; the budget ends runs
+    checkpoint_every: int = 5  # iterations between checkpoints (evaluations always checkpoint)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSpec:
+    sampler: str = "euler"
+    num_steps: int = 10
+    shift: float = 1.0
+    batch_size: int = 128
+    grids: int = 2  # eval images per task in each saved sample grid (0: none)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportSpec:
+    metric: str = "overall"  # the headline metric (a key of the benchmark's metrics)
+    unit: Unit | None = None  # x axis of the curves (default: the budget's unit)
+    log_x: bool = False
+    reference: str | None = None  # speedups are relative to this label
+    target: float | None = None  # compute-to-target threshold (default: the reference's final score)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuiteConfig:
+    name: str
+    description: str = ""
+    benchmark: BenchmarkSpec = field(default_factory=BenchmarkSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    rewards: dict[str, RewardTerm]  # the training reward: a weighted sum of registered rewards
+    methods: tuple[MethodEntry, ...]
+    seeds: tuple[int, ...] = (0,)
+    budget: Budget
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    report: ReportSpec = field(default_factory=ReportSpec)
+    trackers: tuple[str, ...] = ()  # accelerate trackers: tensorboard, wandb, ... (never required)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A validated suite: the config plus each variant's built method config."""
+
+    config: SuiteConfig
+    method_configs: dict[str, Any]  # label → the method's Config instance
+    source: str  # where it was loaded from
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def resolved(self) -> dict[str, Any]:
+        """The whole configuration with every default filled in (what the report prints and the hash covers)."""
+        data = dataclasses.asdict(self.config)
+        for entry in data["methods"]:
+            entry["config"] = dataclasses.asdict(self.method_configs[entry["label"]])
+        return data
+
+    def config_hash(self) -> str:
+        return _digest(self.resolved())
+
+    def cell_fingerprint(self, label: str, seed: int) -> str:
+        """What one (variant, seed) run depends on: adding a variant or a seed leaves other cells valid."""
+        data = self.resolved()
+        data["methods"] = [m for m in data["methods"] if m["label"] == label]
+        for key in ("name", "description", "seeds", "report", "trackers"):
+            data.pop(key)
+        data["seed"] = seed
+        return _digest(data)
+
+    def eval_settings(self, label: str) -> EvalSettings:
+        entry = next(m for m in self.config.methods if m.label == label)
+        spec = self.config.eval
+        return EvalSettings(
+            num_steps=spec.num_steps, guidance_scale=entry.eval_cfg, shift=spec.shift, batch_size=spec.batch_size
+        )
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (plain PyYAML keeps the last one silently)."""
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ConfigError(
+                f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first at line {seen[key]})"
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def builtin_suites() -> list[str]:
+    """Names of the suites shipped in ``harness/suites``."""
+    folder = resources.files("harness") / "suites"
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def suite_path(name_or_path: str | Path) -> Path:
+    """A suite file: a path, or the name of a built-in suite (``shapes_quick``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"suite file {path} does not exist")
+        return path
+    builtin = Path(str(resources.files("harness") / "suites" / f"{name_or_path}.yaml"))
+    if not builtin.is_file():
+        raise ConfigError(f"no suite file {name_or_path!r}: give a .yaml path or one of {', '.join(builtin_suites())}")
+    return builtin
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """Read and validate a suite file (see the module docstring)."""
+    path = suite_path(name_or_path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from error
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path} must hold a mapping of suite keys, got {type(data).__name__}")
+    return validate_suite(data, source=str(path))
+
+
+def validate_suite(data: Mapping[str, Any], source: str = "<mapping>") -> Suite:
+    """Build the :class:`SuiteConfig` strictly, then check names and cross-field compatibility."""
+    from benchmarks import BENCHMARKS
+    from methods import METHODS
+    from rewards import REWARDS
+
+    cfg = build(SuiteConfig, data, where="suite")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", cfg.name):
+        raise ConfigError(f"suite.name = {cfg.name!r}; use lower-case letters, digits, '_', '-' or '.' (a folder name)")
+
+    _check_registered(BENCHMARKS, cfg.benchmark.name, "suite.benchmark.name")
+    benchmark = call_checked(BENCHMARKS.get(cfg.benchmark.name), cfg.benchmark.options, "suite.benchmark.options")
+
+    if cfg.model.kind != "tiny_dit":
+        raise ConfigError(
+            f"suite.model.kind = {cfg.model.kind!r}: `diffrl run` drives the tiny DiT so far; allowed: 'tiny_dit'"
+        )
+    if cfg.model.finetune != "full":
+        raise ConfigError("suite.model.finetune = 'lora': the tiny DiT is fully fine-tuned; allowed: 'full'")
+    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_dir():
+        raise ConfigError(f"suite.model.checkpoint = {cfg.model.checkpoint!r} is not a checkpoint folder")
+
+    if not cfg.rewards:
+        raise ConfigError("suite.rewards is empty: name at least one registered reward (diffrl list rewards)")
+    rewards = {}
+    for key, term in cfg.rewards.items():
+        _check_registered(REWARDS, key, f"suite.rewards.{key}")
+        if (term.normalize == "fixed_range") != (term.range is not None):
+            raise ConfigError(
+                f"suite.rewards.{key}: normalize 'fixed_range' takes range: [low, high], and only it does "
+                f"(got normalize {term.normalize!r}, range {term.range})"
+            )
+        if term.range is not None and not term.range[0] < term.range[1]:
+            raise ConfigError(f"suite.rewards.{key}.range = {list(term.range)}; needs low < high")
+        rewards[key] = call_checked(REWARDS.get(key), term.options, f"suite.rewards.{key}.options")
+
+    if not cfg.methods:
+        raise ConfigError("suite.methods is empty: list at least one variant (label, method, config)")
+    method_configs: dict[str, Any] = {}
+    for i, entry in enumerate(cfg.methods):
+        where = f"suite.methods[{i}]"
+        if entry.label in method_configs:
+            raise ConfigError(f"{where}.label = {entry.label!r} is used twice; labels name variants and must differ")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", entry.label):
+            raise ConfigError(f"{where}.label = {entry.label!r}; use letters, digits, '_', '-' or '.' (a folder name)")
+        _check_registered(METHODS, entry.method, f"{where}.method")
+        method_cls = METHODS.get(entry.method)
+        method_cfg = build(method_cls.Config, entry.config, where=f"{where}.config")
+        _check_method_compatibility(method_cls, method_cfg, rewards, where)
+        if entry.eval_cfg < 1.0:
+            raise ConfigError(f"{where}.eval_cfg = {entry.eval_cfg}; must be >= 1 (1 = no guidance)")
+        method_configs[entry.label] = method_cfg
+
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
+        raise ConfigError(f"suite.seeds = {list(cfg.seeds)}; give distinct non-negative integers")
+    if cfg.eval.sampler not in SAMPLERS:
+        raise ConfigError(f"suite.eval.sampler = {cfg.eval.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    for key in ("num_steps", "batch_size"):
+        if getattr(cfg.eval, key) < 1:
+            raise ConfigError(f"suite.eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")
+    for key in ("prompts_per_iteration", "max_iterations", "checkpoint_every"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"suite.train.{key} must be >= 1, got {getattr(cfg.train, key)}")
+    if cfg.train.images_per_prompt < 2:
+        raise ConfigError(f"suite.train.images_per_prompt = {cfg.train.images_per_prompt}; groups need >= 2 images")
+
+    if cfg.report.metric not in benchmark.metrics:
+        raise ConfigError(f"suite.report.metric = {cfg.report.metric!r}; allowed: {', '.join(benchmark.metrics)}")
+    if cfg.report.reference is not None and cfg.report.reference not in method_configs:
+        raise ConfigError(f"suite.report.reference = {cfg.report.reference!r}; allowed: {', '.join(method_configs)}")
+    _check_trackers(cfg.trackers)
+    return Suite(cfg, method_configs, source)
+
+
+def _check_registered(registry: Any, key: str, where: str) -> None:
+    try:
+        registry.check(key)
+    except KeyError as error:
+        raise ConfigError(f"{where}: {error.args[0]}") from None
+
+
+def _check_method_compatibility(method_cls: Any, method_cfg: Any, rewards: Mapping[str, Any], where: str) -> None:
+    """Choices the config types cannot express: solver vs log-probs, differentiable rewards."""
+    sampler_name = getattr(method_cfg, "sampler", None)
+    if sampler_name is not None:
+        if sampler_name not in SAMPLERS:
+            raise ConfigError(f"{where}.config.sampler = {sampler_name!r}; allowed: {', '.join(SAMPLERS)}")
+        if method_cls.needs_log_prob and not make_sampler(sampler_name).stochastic:
+            stochastic = [name for name, cls in SAMPLERS.items() if cls.stochastic]
+            raise ConfigError(
+                f"{where}.config.sampler = {sampler_name!r} is deterministic, but {method_cls.__name__} needs "
+                f"transition log-probs; allowed: {', '.join(stochastic)}"
+            )
+    if getattr(method_cls, "needs_differentiable_reward", False):
+        plain = [key for key, reward in rewards.items() if not reward.spec.differentiable]
+        if plain:
+            raise ConfigError(
+                f"{where}.method = {method_cls.__name__} backpropagates through the reward, but suite.rewards "
+                f"{plain} are not differentiable; use a reward whose spec says differentiable"
+            )
+
+
+def _check_trackers(trackers: tuple[str, ...]) -> None:
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    for i, name in enumerate(trackers):
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"suite.trackers[{i}] = {name!r}; allowed: {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        if name not in available:
+            raise ConfigError(f"suite.trackers[{i}] = {name!r} is not installed here: pip install {name}")

@@ -1,0 +1,275 @@
+"""AWM: Advantage Weighted Matching (Xue et al., arXiv 2509.25050).
+
+AWM replaces the reverse-process log-likelihood of DDPO/FlowGRPO by the pretraining
+flow-matching loss on noised clean samples, weighted by the advantage (the notes' Part 2):
+
+    L(θ) = E[ A · w(ℓ, t) · ℓ_θ(x_t) ],   ℓ_θ = mean_dims ‖v_θ(x_t, t, c) − (ε − x0)‖²,  x_t = (1 − t)·x0 + t·ε
+
+Minimising it raises the likelihood of A > 0 samples and lowers it for A < 0. The official code
+(``scxue/advantage_weighted_matching``, ``scripts/train_sd3_awm.py``, configs ``dgx_awm.py``)
+writes it as a PPO objective on the surrogate log-likelihood ``log p = −w(ℓ, t)`` and adds the
+stabilisers the notes list ("EMA-KL plus PPO-style clipping … never disable both constraints"):
+
+* ratio ``ρ = exp(log p_θ − log p_old)`` per (sample, t), clipped surrogate
+  ``max(−A·ρ, −A·clip(ρ, 1 ± ε))`` (``loss_type="exp_first"``; reuses :func:`methods.flow_grpo.grpo_loss`).
+  On-policy with one optimizer step per collection ρ ≡ 1, so the gradient is exactly the paper's
+  ``A·∇w(ℓ)``; clipping acts only across several optimizer steps or with ``off_policy``;
+* the weighting ``w``: official ``"ghuber"``, ``w = ((ℓ + 1e-10)^p − 1e-10^p)·t/p`` with
+  p = 0.25 (also ``"uniform"`` (w = ℓ, the paper's plain form), ``"t"``, ``"t2"``, ``"huber"``);
+* advantages: per-prompt mean, global std (as FlowGRPO), clipped to ±A_max = 5 and rescaled by
+  ``advantage_max/A_max`` = 1/5;
+* KL to the frozen reference ``kl_coef·mean((v_θ − v_ref)²)`` (β = 0.003 GenEval/OCR, 1e-4 PickScore)
+  and the EMA-KL ``ema_kl_coef·mean((v_θ − v_ema)²)`` (``ema_beta = 1``) to an EMA of θ updated once
+  per collection, ``ema ← d·ema + (1 − d)·θ`` with ``d = min(0.3, 0.001·step)`` (``linear``).
+
+The EMA anchor lives in the Policy's "old" weight set. The official default is on-policy
+(``off_policy=False``): collection uses θ itself, so "old" is then only the EMA-KL anchor, not
+the sampler; with ``off_policy=True`` (the official option) it is both, as the Policy's "old"
+semantics describe, and the old log-likelihoods come from it.
+
+Paper/code vs here: Flow-Factory's suggested stabilisers (``ema_kl_beta 0.1``, ``clip_range 1e-5``)
+are settings of the same fields. The official code only adds the EMA-KL when the reference KL is
+on (``beta > 0``); here the two terms are independent (deviation: lets the Flow-Factory recipe,
+EMA-KL without reference KL, be expressed). The official collector is the SA-solver (noise 0.4
+for GenEval/OCR, 0 for PickScore), which the harness lacks; the default is the deterministic
+multistep DPM-Solver++(2M), the nearest solver we share. Training times are the official
+``time_type="discrete_wo_init"``: ``train_timesteps = 6`` stratified indices in
+``[1, int(num_steps·timestep_fraction))`` of the 14-step sampling schedule, the same for every
+sample of a micro-batch, each with its own noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from benchmarks.base import Prompt
+from harness.advantages import StdMode, group_advantages
+from harness.optim import Optimization
+from harness.policy import Policy, iter_batches
+from harness.samplers import flow_schedule, make_sampler
+from methods.base import Rollout
+from methods.flow_grpo import grpo_loss
+from methods.forward_process import collect_clean, flow_matching_error, noised
+
+Weighting = Literal["uniform", "t", "t2", "huber", "ghuber"]
+WEIGHTINGS: tuple[Weighting, ...] = ("uniform", "t", "t2", "huber", "ghuber")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AWMConfig:
+    """AWM hyperparameters; defaults follow the official ``geneval_sd3_no_cfg`` config."""
+
+    weighting: Weighting = "ghuber"  # w(ℓ, t) of the surrogate log-likelihood
+    ghuber_power: float = 0.25  # p of the generalised Huber weighting
+    adv_clip_max: float = 5.0  # A_max
+    advantage_max: float = 1.0  # advantages rescaled to ±advantage_max after clipping
+    std: StdMode = "global"
+    clip_range: float = 1.0  # ε of the ratio clip (official 1; Flow-Factory suggests 1e-5)
+    kl_coef: float = 0.003  # β: mean((v_θ − v_ref)²) (1e-4 for PickScore)
+    ema_kl_coef: float = 1.0  # ema_beta: mean((v_θ − v_ema)²) (Flow-Factory: 0.1)
+    ema_decay_max: float = 0.3  # kl_ema_decay
+    ema_decay_type: Literal["linear", "constant"] = "linear"  # linear: min(max, 0.001·step)
+    off_policy: bool = False  # True: sample and take old log-likelihoods with the EMA ("old")
+    sampler: str = "dpm2"  # official: SA-solver (not in the harness)
+    num_steps: int = 14  # collection steps
+    shift: float = 1.0
+    guidance_scale: float = 1.0  # CFG-free
+    train_timesteps: int = 6  # schedule steps trained per sample
+    timestep_fraction: float = 0.9  # train indices drawn from [1, int(num_steps·fraction))
+    optimizer_steps_per_iteration: int = 1
+    train_batch_size: int = 64
+    ema_interval: int = 1
+
+
+def awm_log_prob(fm_error: Tensor, t: Tensor, weighting: Weighting = "ghuber", power: float = 0.25) -> Tensor:
+    """Surrogate log-likelihood ``−w(ℓ, t)`` of AWM (official ``compute_log_prob_awm``), (B,) float64.
+
+    ``uniform``: ℓ; ``t``: ℓ·t; ``t2``: ℓ·t²; ``huber``: (sqrt(ℓ + 1e-10) − 1e-5)·t;
+    ``ghuber``: ((ℓ + 1e-10)^p − 1e-10^p)·t/p.
+    """
+    loss, t = fm_error.double(), t.double()
+    if weighting == "uniform":
+        weighted = loss
+    elif weighting == "t":
+        weighted = loss * t
+    elif weighting == "t2":
+        weighted = loss * t**2
+    elif weighting == "huber":
+        weighted = (torch.sqrt(loss + 1e-10) - 1e-5) * t
+    elif weighting == "ghuber":
+        if not power > 0:
+            raise ValueError(f"ghuber_power must be > 0, got {power}")
+        weighted = ((loss + 1e-10) ** power - 1e-10**power) * t / power
+    else:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    return -weighted
+
+
+def awm_advantages(
+    rewards: Tensor, group_ids: Tensor, *, std: StdMode, adv_clip_max: float, advantage_max: float
+) -> Tensor:
+    """``clip(A, ±A_max)·advantage_max/A_max`` with A the group-relative advantage (official ``train_sd3_awm.py``)."""
+    advantages = group_advantages(rewards, group_ids, std=std).clamp(-adv_clip_max, adv_clip_max)
+    return advantages / adv_clip_max * advantage_max
+
+
+def awm_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    *,
+    clip_range: float,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+    ema_kl: Tensor | None = None,
+    ema_kl_coef: float = 0.0,
+) -> Tensor:
+    """AWM objective: clipped surrogate on ``ρ = exp(log p − log p_old)`` plus both KL terms. Scalar.
+
+    ``mean(max(−A·ρ, −A·clip(ρ, 1 ± ε))) + kl_coef·mean(kl) + ema_kl_coef·mean(ema_kl)``, all (B,).
+    At ρ = 1 its gradient is ``mean(A·∇w(ℓ, t))``: the paper's advantage-weighted matching.
+    """
+    loss = grpo_loss(log_prob, old_log_prob, advantages, clip_range=clip_range, kl=kl, kl_coef=kl_coef)
+    if ema_kl is not None:
+        loss = loss + ema_kl_coef * ema_kl.mean()
+    return loss
+
+
+def ema_decay(step: int, decay_max: float, decay_type: str) -> float:
+    """Decay of ``ema ← d·ema + (1 − d)·θ`` after ``step`` optimizer steps (official ``kl_ema_decay_type``)."""
+    if decay_type == "constant":
+        return decay_max
+    if decay_type == "linear":
+        return min(decay_max, 0.001 * step)
+    raise ValueError(f"ema_decay_type must be 'linear' or 'constant', got {decay_type!r}")
+
+
+def _mean_sq(a: Tensor, b: Tensor) -> Tensor:
+    return ((a.double() - b.double()) ** 2).mean(dim=tuple(range(1, a.ndim)))
+
+
+class AWM:
+    """Advantage Weighted Matching on the common interface (see the module docstring)."""
+
+    Config: ClassVar[type] = AWMConfig
+    needs_log_prob: ClassVar[bool] = False
+
+    def __init__(self, cfg: AWMConfig, policy: Policy, optim: Optimization) -> None:
+        if cfg.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {cfg.weighting!r}")
+        if cfg.num_steps < 2 or int(cfg.num_steps * cfg.timestep_fraction) < 1 or cfg.timestep_fraction > 1:
+            raise ValueError(
+                f"need num_steps >= 2 and 1 <= int(num_steps·timestep_fraction) with timestep_fraction <= 1, got "
+                f"{cfg.num_steps}, {cfg.timestep_fraction}"
+            )
+        if cfg.train_timesteps < 1:
+            raise ValueError(f"train_timesteps must be >= 1, got {cfg.train_timesteps}")
+        ema_decay(0, cfg.ema_decay_max, cfg.ema_decay_type)  # validates the type
+        self.cfg, self.policy, self.optim = cfg, policy, optim
+        self.sampler = make_sampler(cfg.sampler)
+        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        policy.update_old(0.0)  # the EMA anchor starts as θ
+
+    def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
+        weights = "old" if self.cfg.off_policy else "train"
+        return collect_clean(self.policy, self.sampler, self.schedule, prompts, group_ids, generator,
+                             guidance_scale=self.cfg.guidance_scale, weights=weights)  # fmt: skip
+
+    def training_times(self, generator: torch.Generator) -> Tensor:
+        """(train_timesteps,) times: stratified schedule indices without t = 1 (``discrete_wo_init``)."""
+        cfg = self.cfg
+        top = int(cfg.num_steps * cfg.timestep_fraction)
+        bounds = torch.linspace(1, top, cfg.train_timesteps + 1).long()
+        lower, upper = bounds[:-1], bounds[1:]
+        index = lower + (torch.rand(cfg.train_timesteps, generator=generator) * (upper - lower)).long()
+        return self.schedule[index]  # index ∈ [1, top − 1] ⊆ [1, num_steps − 1] (fraction ≤ 1 checked in __init__)
+
+    def _terms(self, rollout: Rollout, sel: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """Surrogate log-likelihood (B,) and velocity of the active weights at (x_t, t)."""
+        x0 = rollout.x0[sel]
+        t = t.expand(len(sel))
+        v = self.policy.velocity(noised(x0, noise, t), t, rollout.cond[sel])
+        return awm_log_prob(flow_matching_error(v, x0, noise), t, self.cfg.weighting, self.cfg.ghuber_power), v
+
+    def _chunk_draws(self, chunk: Tensor, seed: int, shape: torch.Size) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """(sel, times (K,), noise (K, b, …)) per micro-batch of ``chunk``, from a generator seeded with ``seed``.
+
+        Drawn lazily per optimizer step's chunk, and identically on every call, so the old
+        log-likelihoods (taken before the update) and the training pass see the same (t, ε).
+        """
+        cfg, chunk_generator = self.cfg, torch.Generator().manual_seed(seed)
+        draws = []
+        for b in iter_batches(len(chunk), cfg.train_batch_size):
+            sel = chunk[b]
+            times = self.training_times(chunk_generator)
+            noise = torch.randn((cfg.train_timesteps, len(sel), *shape), generator=chunk_generator)
+            draws.append((sel, times, noise))
+        return draws
+
+    def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
+        cfg, policy = self.cfg, self.policy
+        advantages = awm_advantages(rewards, rollout.group_ids, std=cfg.std, adv_clip_max=cfg.adv_clip_max,
+                                    advantage_max=cfg.advantage_max)  # fmt: skip
+        n = len(rewards)
+        order = torch.arange(n)
+        if cfg.optimizer_steps_per_iteration > 1:
+            order = order[torch.randperm(n, generator=generator)]
+        chunks = [order[s] for s in iter_batches(n, -(-n // cfg.optimizer_steps_per_iteration))]
+        # Each chunk's (t, ε) come from its own generator seeded from ``generator`` (see _chunk_draws).
+        chunk_seeds = torch.randint(0, 2**62, (len(chunks),), generator=generator).tolist()
+
+        # On-policy, the first step's old log-likelihood is θ's own (ρ ≡ 1, no extra pass); later
+        # steps compare with θ before this update; off-policy, with the EMA (official).
+        old_log_probs: dict[tuple[int, int], Tensor] = {}
+        with torch.no_grad(), policy.use_weights("old" if cfg.off_policy else "train"):
+            for c in range(len(chunks)):
+                if c == 0 and not cfg.off_policy:
+                    continue
+                for b, (sel, times, noise) in enumerate(
+                    self._chunk_draws(chunks[c], chunk_seeds[c], rollout.x0.shape[1:])
+                ):
+                    old_log_probs[c, b] = torch.stack(
+                        [self._terms(rollout, sel, times[k], noise[k])[0] for k in range(cfg.train_timesteps)]
+                    )
+        stats = {"policy_loss": 0.0, "kl": 0.0, "ema_kl": 0.0, "clipfrac": 0.0}
+        logs: dict[str, float] = {}
+        for c in range(len(chunks)):
+            batches = self._chunk_draws(chunks[c], chunk_seeds[c], rollout.x0.shape[1:])
+            passes = len(batches) * cfg.train_timesteps
+            for k in range(cfg.train_timesteps):
+                for b, (sel, times, noise) in enumerate(batches):
+                    log_prob, v_theta = self._terms(rollout, sel, times[k], noise[k])
+                    old = old_log_probs[c, b][k] if (c, b) in old_log_probs else log_prob.detach()
+                    kl = ema_kl = None
+                    if cfg.kl_coef > 0:
+                        with torch.no_grad(), policy.use_weights("ref"):
+                            kl = _mean_sq(v_theta, self._terms(rollout, sel, times[k], noise[k])[1])
+                    # deviation: the official code adds the EMA-KL only inside its ``beta > 0`` branch; here it
+                    # applies with kl_coef == 0 too (Flow-Factory's EMA-KL-only recipe).
+                    if cfg.ema_kl_coef > 0:
+                        with torch.no_grad(), policy.use_weights("old"):
+                            ema_kl = _mean_sq(v_theta, self._terms(rollout, sel, times[k], noise[k])[1])
+                    loss = awm_loss(log_prob, old, advantages[sel], clip_range=cfg.clip_range, kl=kl,
+                                    kl_coef=cfg.kl_coef, ema_kl=ema_kl, ema_kl_coef=cfg.ema_kl_coef)  # fmt: skip
+                    self.optim.backward(loss, scale=1.0 / passes)
+                    scale = 1.0 / passes / len(chunks)
+                    ratio = torch.exp(log_prob.detach() - old)
+                    regular = (cfg.kl_coef * kl.mean().item() if kl is not None else 0.0) + (
+                        cfg.ema_kl_coef * ema_kl.mean().item() if ema_kl is not None else 0.0
+                    )
+                    stats["policy_loss"] += (loss.item() - regular) * scale
+                    stats["kl"] += (kl.mean().item() if kl is not None else 0.0) * scale
+                    stats["ema_kl"] += (ema_kl.mean().item() if ema_kl is not None else 0.0) * scale
+                    stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().mean().item() * scale
+            logs["train/grad_norm"] = self.optim.step()
+        decay = ema_decay(self.optim.global_step, cfg.ema_decay_max, cfg.ema_decay_type)
+        policy.update_old(decay)
+        logs.update({f"train/{k}": v for k, v in stats.items()})
+        logs["train/ema_decay"] = decay
+        logs["train/advantage_abs_mean"] = advantages.abs().mean().item()
+        return logs

@@ -1,0 +1,204 @@
+"""Shared pieces of the forward-process baselines (RAFT, RWR, online DPO, AWM).
+
+These methods store only clean samples x0 and train on them again through the forward process,
+``x_t = (1 − t)·x0 + t·ε`` with the flow-matching target ``u = ε − x0`` (the notes' Part 2
+notation: ``ℓ_θ = ‖v_θ(x_t, t, c) − u‖²``, a mean over non-batch dims as every official code
+computes it). Nothing here is a method: the collection helper, the training-time draws, the
+per-sample flow-matching error and :class:`RefreshedFlowMatching` (the collection-and-training
+body RAFT and Flow-RWR share by composition) are the pieces every one of them needs, kept in one
+place so that the baselines differ only where their papers differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from benchmarks.base import Prompt
+from harness.optim import Optimization
+from harness.policy import Policy, WeightSet, iter_batches
+from harness.rollout import rollout
+from harness.samplers import SAMPLERS, Sampler, flow_schedule, make_sampler
+from methods.base import Rollout
+
+
+def noised(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """``x_t = (1 − t)·x0 + t·ε`` for a (B,) time, rectified-flow forward process."""
+    if t.ndim != 1 or t.shape[0] != x0.shape[0]:
+        raise ValueError(f"t must have shape (B,) = ({x0.shape[0]},), got {tuple(t.shape)}")
+    t_ = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - t_) * x0 + t_ * noise
+
+
+def flow_matching_error(v: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
+    """``ℓ = mean_dims (v − (ε − x0))²`` per sample, (B,), in fp32 (the pretraining FM loss)."""
+    error = v.float() - (noise.float() - x0.float())
+    return (error**2).mean(dim=tuple(range(1, error.ndim)))
+
+
+def weighted_flow_matching_loss(v: Tensor, x0: Tensor, noise: Tensor, weights: Tensor) -> Tensor:
+    """``mean_i w_i·ℓ_i`` with ``ℓ`` the per-sample FM error; ``weights`` (B,) are constants. Scalar."""
+    if weights.shape != (x0.shape[0],):
+        raise ValueError(f"weights must have shape ({x0.shape[0]},), got {tuple(weights.shape)}")
+    return (weights.detach().float() * flow_matching_error(v, x0, noise)).mean()
+
+
+def logit_normal_times(n: int, generator: torch.Generator, shift: float = 1.0) -> Tensor:
+    """(n,) training times ``t = s·u/(1 + (s − 1)·u)`` with ``u = sigmoid(N(0, 1))``.
+
+    SD3's logit-normal density (``compute_density_for_timestep_sampling("logit_normal", 0, 1)``)
+    that FlowGRPO's SFT/DPO baselines train with; the shift is the policy's schedule shift.
+    """
+    u = torch.sigmoid(torch.randn(n, generator=generator))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def make_collection_sampler(name: str, noise_level: float) -> Sampler:
+    """The sampler ``name``; ``noise_level`` reaches only stochastic samplers (deterministic ones take none)."""
+    stochastic = name in SAMPLERS and SAMPLERS[name].stochastic
+    return make_sampler(name, noise_level if stochastic else None)
+
+
+def collect_clean(
+    policy: Policy,
+    sampler: Sampler,
+    schedule: Tensor,
+    prompts: Sequence[Prompt],
+    group_ids: Tensor,
+    generator: torch.Generator,
+    *,
+    guidance_scale: float,
+    weights: WeightSet,
+) -> Rollout:
+    """Sample one clean x0 per prompt with ``weights`` and ``sampler`` through the shared rollout."""
+    texts = [p.text for p in prompts]
+    noise = torch.randn((len(texts), *policy.sample_shape), generator=generator)
+    with policy.use_weights(weights):
+        cond = policy.encode(texts)
+        uncond = policy.encode([""] * len(texts)) if guidance_scale != 1.0 else None
+        x0 = rollout(
+            policy, sampler, cond, noise, schedule, guidance_scale=guidance_scale, uncond=uncond, generator=generator
+        ).x0
+    return Rollout(list(prompts), group_ids, cond, x0)
+
+
+def crossed_multiple(step_before: int, step_after: int, interval: int) -> bool:
+    """True when an optimizer step in ``(step_before, step_after]`` is a multiple of ``interval``."""
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1, got {interval}")
+    return step_after // interval > step_before // interval
+
+
+def group_members(group_ids: Tensor) -> list[Tensor]:
+    """Indices of each group's samples, in order of first appearance."""
+    seen: dict[int, list[int]] = {}
+    for i, g in enumerate(group_ids.tolist()):
+        seen.setdefault(int(g), []).append(i)
+    return [torch.tensor(members, dtype=torch.long) for members in seen.values()]
+
+
+def train_weighted_flow_matching(
+    policy: Policy,
+    optim: Optimization,
+    rollout_: Rollout,
+    indices: Tensor,
+    weights: Tensor,
+    *,
+    draws_per_sample: int,
+    train_batch_size: int,
+    optimizer_steps: int,
+    shift: float,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Minimise ``mean_i w_i·ℓ_θ(x_t^i)`` over the samples ``indices`` (weights aligned with them).
+
+    Each sample is trained at ``draws_per_sample`` fresh (t, ε) draws, t logit-normal, all
+    accumulated into ``optimizer_steps`` steps (samples shuffled across steps when more than one),
+    as FlowGRPO's SFT/DPO scripts accumulate over samples and their timestep draws. Each
+    micro-batch's mean is scaled by its share of the step's samples, so the accumulated gradient
+    is exactly that of the plain mean over (sample, draw), whatever the batch split (a smaller last
+    batch is not over-weighted). Returns the weighted loss and the unweighted FM error averaged
+    over (sample, draw), and the last grad norm.
+    """
+    if draws_per_sample < 1 or optimizer_steps < 1:
+        raise ValueError(
+            f"draws_per_sample and optimizer_steps must be >= 1, got {draws_per_sample}, {optimizer_steps}"
+        )
+    if weights.shape != indices.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must align with indices {tuple(indices.shape)}")
+    order = torch.arange(len(indices))
+    if optimizer_steps > 1:
+        order = order[torch.randperm(len(indices), generator=generator)]
+    chunks = [order[s] for s in iter_batches(len(order), -(-len(order) // optimizer_steps))]
+    logs = {"train/loss": 0.0, "train/fm_error": 0.0}
+    for chunk in chunks:
+        batches = list(iter_batches(len(chunk), train_batch_size))
+        for _ in range(draws_per_sample):
+            for batch in batches:
+                local = chunk[batch]
+                sel = indices[local]
+                x0 = rollout_.x0[sel]
+                t = logit_normal_times(len(sel), generator, shift)
+                noise = torch.randn(x0.shape, generator=generator)
+                v_theta = policy.velocity(noised(x0, noise, t), t, rollout_.cond[sel])
+                loss = weighted_flow_matching_loss(v_theta, x0, noise, weights[local])
+                share = len(sel) / (len(chunk) * draws_per_sample)  # this batch's part of the step's mean
+                optim.backward(loss, scale=share)
+                logs["train/loss"] += loss.item() * share / len(chunks)
+                error = flow_matching_error(v_theta.detach(), x0, noise).mean().item()
+                logs["train/fm_error"] += error * share / len(chunks)
+        logs["train/grad_norm"] = optim.step()
+    return logs
+
+
+class FlowMatchingSettings(Protocol):
+    """The config fields :class:`RefreshedFlowMatching` reads (RAFTConfig and RWRConfig both have them)."""
+
+    sampler: str
+    noise_level: float
+    num_steps: int
+    shift: float
+    guidance_scale: float
+    timestep_fraction: float
+    sample_refresh_interval: int
+    optimizer_steps_per_iteration: int
+    train_batch_size: int
+
+
+class RefreshedFlowMatching:
+    """The body RAFT and Flow-RWR share (held by composition, not inherited): collect clean samples
+    with the sampling policy ("old"), train weighted flow matching on some of them, and copy θ into
+    the sampling policy every ``sample_refresh_interval`` optimizer steps (FlowGRPO's "online"
+    refresh; 1 samples with the latest θ at every collection). The methods differ only in which
+    samples they train on and with which weights.
+    """
+
+    def __init__(self, cfg: FlowMatchingSettings, policy: Policy, optim: Optimization) -> None:
+        if cfg.sample_refresh_interval < 1:
+            raise ValueError(f"sample_refresh_interval must be >= 1, got {cfg.sample_refresh_interval}")
+        self.cfg, self.policy, self.optim = cfg, policy, optim
+        self.sampler = make_collection_sampler(cfg.sampler, cfg.noise_level)
+        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        policy.update_old(0.0)  # the sampling policy starts as θ
+
+    def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
+        return collect_clean(self.policy, self.sampler, self.schedule, prompts, group_ids, generator,
+                             guidance_scale=self.cfg.guidance_scale, weights="old")  # fmt: skip
+
+    def train(self, rollout: Rollout, indices: Tensor, weights: Tensor, generator: torch.Generator) -> dict[str, float]:
+        """:func:`train_weighted_flow_matching` on ``indices``, then the refresh; logs ``train/sampler_refreshed``."""
+        cfg = self.cfg
+        step_before = self.optim.global_step
+        logs = train_weighted_flow_matching(
+            self.policy, self.optim, rollout, indices, weights,
+            draws_per_sample=max(1, int(cfg.num_steps * cfg.timestep_fraction)), train_batch_size=cfg.train_batch_size,
+            optimizer_steps=cfg.optimizer_steps_per_iteration, shift=cfg.shift, generator=generator,
+        )  # fmt: skip
+        refreshed = crossed_multiple(step_before, self.optim.global_step, cfg.sample_refresh_interval)
+        if refreshed:
+            self.policy.update_old(0.0)
+        logs["train/sampler_refreshed"] = float(refreshed)
+        return logs

@@ -1,0 +1,180 @@
+"""Online Flow-DPO: Diffusion-DPO on each group's best-vs-worst pair, with a refreshed reference.
+
+Diffusion-DPO (Wallace et al., arXiv 2311.12908, CVPR 2024, Eq. 14) with the flow-matching
+target (Flow-DPO, Liu et al. arXiv 2501.13918), run online as FlowGRPO's baseline
+(``scripts/train_sd3_dpo.py``): per prompt group the best sample is the winner x_w and the worst
+the loser x_l (``stat_tracking.py`` type ``"dpo"``); both are noised with the *same* t and ε, and
+
+    ℓ(x) = mean_dims ‖v(x_t, t, c) − (ε − x)‖²
+    L(θ) = −log σ( −(β/2)·[ (ℓ_θ(x_w) − ℓ_ref(x_w)) − (ℓ_θ(x_l) − ℓ_ref(x_l)) ] )
+
+The notes write ``−β T ω(λ_t)``; the official code folds ``T·ω`` into β and uses ``−0.5·β``
+(as Diffusion-DPO's own training script): we follow the code, β = 100 (notes: "too-small β
+collapses"; the MSE is a mean over dims, so β does not depend on the image size and the SD3
+value is kept for the tiny model).
+
+Reference and sampling policy. In the official script one LoRA adapter, "ref", is both the
+collection policy (sampling uses ``set_adapter("ref")``) and the DPO reference, and it is
+overwritten with θ every ``ref_update_step = 40`` optimizer steps ("online"). That is exactly the
+Policy's "old" weight set (the sampling policy), refreshed with ``update_old(0.0)``; so the
+default ``reference="old"`` uses one weight set for both roles as the official code does, and
+there is no conflict with the sampling semantics. ``reference="ref"`` uses the frozen initial
+model as the DPO reference instead (the offline-style anchor), still sampling with "old".
+
+Official settings kept: Flow-SDE collection (a = 0.7) with CFG 4.5 and 40 steps, training on the
+conditional velocity only (no CFG in the loss), logit-normal training times with
+``int(num_steps·timestep_fraction)`` fresh (t, ε) draws per pair, EMA every 8 steps. When a group
+has all-equal rewards the official code still trains on its second (as x_w) and first (as x_l)
+sample; ``drop_tied_groups=True`` skips such groups instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmarks.base import Prompt
+from harness.optim import Optimization
+from harness.policy import Cond, Policy, iter_batches
+from harness.samplers import flow_schedule
+from methods.base import Rollout
+from methods.forward_process import (
+    collect_clean,
+    crossed_multiple,
+    flow_matching_error,
+    group_members,
+    logit_normal_times,
+    make_collection_sampler,
+    noised,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnlineDPOConfig:
+    """Online Flow-DPO hyperparameters; defaults follow FlowGRPO's ``train_sd3_dpo.py``."""
+
+    beta: float = 100.0  # β of Diffusion-DPO (inside term −β/2·Δ)
+    reference: Literal["old", "ref"] = "old"  # "old": the refreshed sampling policy (official); "ref": frozen base
+    ref_update_step: int = 40  # optimizer steps between θ → old copies
+    sampler: str = "flow_sde"
+    noise_level: float = 0.7  # a of the Flow-SDE (ignored by deterministic samplers)
+    num_steps: int = 40  # collection steps (official online DPO)
+    shift: float = 1.0
+    guidance_scale: float = 4.5  # CFG of the collection only; training uses the conditional velocity
+    timestep_fraction: float = 0.99  # (t, ε) draws per pair: int(num_steps·fraction)
+    drop_tied_groups: bool = False  # official: an all-equal group still yields a pair
+    optimizer_steps_per_iteration: int = 1
+    train_batch_size: int = 32  # pairs per forward (2× samples)
+    ema_interval: int = 8
+
+
+def preference_pairs(rewards: Tensor, group_ids: Tensor, drop_tied_groups: bool = False) -> tuple[Tensor, Tensor]:
+    """(winners, losers) indices: each group's argmax vs argmin (FlowGRPO ``"dpo"`` advantages).
+
+    On ties ``argmax``/``argmin`` take the first; a group whose rewards are all equal gives the
+    official fallback pair (its second sample wins over its first) unless ``drop_tied_groups``.
+    """
+    if rewards.ndim != 1 or rewards.shape != group_ids.shape:
+        raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids {tuple(group_ids.shape)} must both be (B,)")
+    winners, losers = [], []
+    for members in group_members(group_ids):
+        if len(members) < 2:
+            raise ValueError(f"DPO needs groups of at least 2 samples, got a group of {len(members)}")
+        group_rewards = rewards[members]
+        best, worst = int(torch.argmax(group_rewards)), int(torch.argmin(group_rewards))
+        if best == worst:
+            if drop_tied_groups:
+                continue
+            best, worst = 1, 0
+        winners.append(int(members[best]))
+        losers.append(int(members[worst]))
+    return torch.tensor(winners, dtype=torch.long), torch.tensor(losers, dtype=torch.long)
+
+
+def dpo_loss(err_theta_w: Tensor, err_theta_l: Tensor, err_ref_w: Tensor, err_ref_l: Tensor, *, beta: float) -> Tensor:
+    """Diffusion-DPO (Wallace et al. Eq. 14; official ``inside_term = −0.5·β·Δ``). Scalar.
+
+    ``Δ = (ℓ_θ(x_w) − ℓ_ref(x_w)) − (ℓ_θ(x_l) − ℓ_ref(x_l))`` per pair (all inputs (P,));
+    ``L = mean(−log σ(−β/2·Δ))``. The reference errors are constants.
+    """
+    delta = (err_theta_w - err_ref_w.detach()) - (err_theta_l - err_ref_l.detach())
+    return -F.logsigmoid(-0.5 * beta * delta).mean()
+
+
+class OnlineDPO:
+    """Online Flow-DPO on the common interface (see the module docstring)."""
+
+    Config: ClassVar[type] = OnlineDPOConfig
+    needs_log_prob: ClassVar[bool] = False
+
+    def __init__(self, cfg: OnlineDPOConfig, policy: Policy, optim: Optimization) -> None:
+        if not cfg.beta > 0:
+            raise ValueError(f"beta must be > 0, got {cfg.beta}")
+        if cfg.reference not in ("old", "ref"):
+            raise ValueError(f"reference must be 'old' or 'ref', got {cfg.reference!r}")
+        if cfg.ref_update_step < 1:
+            raise ValueError(f"ref_update_step must be >= 1, got {cfg.ref_update_step}")
+        self.cfg, self.policy, self.optim = cfg, policy, optim
+        self.sampler = make_collection_sampler(cfg.sampler, cfg.noise_level)
+        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        policy.update_old(0.0)  # reference = sampling policy = θ at the start
+
+    def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
+        return collect_clean(self.policy, self.sampler, self.schedule, prompts, group_ids, generator,
+                             guidance_scale=self.cfg.guidance_scale, weights="old")  # fmt: skip
+
+    def _pair_errors(self, x0_w: Tensor, x0_l: Tensor, cond: Cond, generator: torch.Generator) -> tuple[Tensor, ...]:
+        """FM errors of θ (with grad) and of the reference for one batch of pairs, same t and ε."""
+        n = x0_w.shape[0]
+        t = logit_normal_times(n, generator, self.cfg.shift)
+        noise = torch.randn(x0_w.shape, generator=generator)
+        x0 = torch.cat([x0_w, x0_l])
+        noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
+        x_t, cond2 = noised(x0, noise2, t2), Cond.cat([cond, cond])
+        err_theta = flow_matching_error(self.policy.velocity(x_t, t2, cond2), x0, noise2)
+        with torch.no_grad(), self.policy.use_weights(self.cfg.reference):
+            err_ref = flow_matching_error(self.policy.velocity(x_t, t2, cond2), x0, noise2)
+        return err_theta[:n], err_theta[n:], err_ref[:n], err_ref[n:]
+
+    def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
+        cfg = self.cfg
+        winners, losers = preference_pairs(rewards, rollout.group_ids, cfg.drop_tied_groups)
+        logs: dict[str, float] = {"train/pairs": float(len(winners))}
+        if len(winners) == 0:
+            logs["train/skipped"] = 1.0  # every group tied and dropped: no preference, no step
+            return logs
+        logs["train/reward_margin"] = (rewards[winners] - rewards[losers]).mean().item()
+        draws = max(1, int(cfg.num_steps * cfg.timestep_fraction))
+        order = torch.arange(len(winners))
+        if cfg.optimizer_steps_per_iteration > 1:
+            order = order[torch.randperm(len(order), generator=generator)]
+        chunks = [order[s] for s in iter_batches(len(order), -(-len(order) // cfg.optimizer_steps_per_iteration))]
+        stats = {"loss": 0.0, "implicit_acc": 0.0, "w_diff": 0.0, "l_diff": 0.0}
+        step_before = self.optim.global_step
+        for chunk in chunks:
+            batches = list(iter_batches(len(chunk), cfg.train_batch_size))
+            passes = len(batches) * draws
+            for _ in range(draws):
+                for batch in batches:
+                    w, l_ = winners[chunk[batch]], losers[chunk[batch]]
+                    errs = self._pair_errors(rollout.x0[w], rollout.x0[l_], rollout.cond[w], generator)
+                    loss = dpo_loss(*errs, beta=cfg.beta)
+                    self.optim.backward(loss, scale=1.0 / passes)
+                    w_diff, l_diff = (errs[0] - errs[2]).detach(), (errs[1] - errs[3]).detach()
+                    scale = 1.0 / passes / len(chunks)
+                    stats["loss"] += loss.item() * scale
+                    stats["implicit_acc"] += ((w_diff - l_diff) < 0).float().mean().item() * scale
+                    stats["w_diff"] += w_diff.mean().item() * scale
+                    stats["l_diff"] += l_diff.mean().item() * scale
+            logs["train/grad_norm"] = self.optim.step()
+        logs.update({f"train/{k}": v for k, v in stats.items()})
+        refreshed = crossed_multiple(step_before, self.optim.global_step, cfg.ref_update_step)
+        if refreshed:
+            self.policy.update_old(0.0)
+        logs["train/reference_refreshed"] = float(refreshed)
+        return logs
