@@ -40,7 +40,7 @@ from harness.evaluate import EvalOutput
 from harness.images import save_grid
 from harness.policy import Policy
 from harness.store import device_info, git_commit, package_versions, results_frame, write_results
-from harness.suite import Suite, _digest
+from harness.suite import MethodEntry, Suite, config_digest
 from harness.trackers import CellTrackers
 from harness.trainer import LoopConfig, train
 from rewards.base import Reward, WeightedReward
@@ -134,7 +134,7 @@ class SuiteRunner:
             tqdm.write(f"[{index}/{len(cells)}] {label} seed {seed}")
             outcomes.append(self.run_cell(label, seed))
         rows = [
-            {"suite": self.cfg.name, "method": self._method(o.label), "variant": o.label, **row}
+            {"suite": self.cfg.name, "method": self._entry(o.label).method, "variant": o.label, **row}
             for o in outcomes
             if o.status == "done"
             for row in o.evaluations
@@ -158,8 +158,8 @@ class SuiteRunner:
                 "delete them, or write the suite to another folder with --out"
             )
 
-    def _method(self, label: str) -> str:
-        return next(m.method for m in self.cfg.methods if m.label == label)
+    def _entry(self, label: str) -> MethodEntry:
+        return next(m for m in self.cfg.methods if m.label == label)
 
     def run_cell(self, label: str, seed: int) -> CellOutcome:
         folder = cell_dir(self.out, label, seed)
@@ -188,9 +188,9 @@ class SuiteRunner:
         return CellOutcome(label, seed, "done", evaluations)
 
     def _train_cell(self, label: str, seed: int, folder: Path, fingerprint: str, trackers: CellTrackers) -> list[dict]:
-        entry = next(m for m in self.cfg.methods if m.label == label)
+        entry = self._entry(label)
         settings = self.suite.eval_settings(label)
-        base_key = _digest([self.cfg.benchmark, self.cfg.model, self.cfg.eval, settings])
+        base_key = config_digest([self.cfg.benchmark, self.cfg.model, self.cfg.eval, settings])
         train_spec = self.cfg.train
         loop = LoopConfig(
             iterations=train_spec.max_iterations, budget=self.cfg.budget, seed=seed,

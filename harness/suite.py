@@ -126,7 +126,7 @@ class Suite:
         return data
 
     def config_hash(self) -> str:
-        return _digest(self.resolved())
+        return config_digest(self.resolved())
 
     def cell_fingerprint(self, label: str, seed: int) -> str:
         """What one (variant, seed) run depends on: adding a variant or a seed leaves other cells valid."""
@@ -135,7 +135,7 @@ class Suite:
         for key in ("name", "description", "seeds", "report", "trackers"):
             data.pop(key)
         data["seed"] = seed
-        return _digest(data)
+        return config_digest(data)
 
     def eval_settings(self, label: str) -> EvalSettings:
         entry = next(m for m in self.config.methods if m.label == label)
@@ -145,7 +145,8 @@ class Suite:
         )
 
 
-def _digest(data: Any) -> str:
+def config_digest(data: Any) -> str:
+    """SHA-256 of a JSON rendering with sorted keys (dataclasses and paths by their ``str``)."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -204,29 +205,43 @@ def load_suite(name_or_path: str | Path) -> Suite:
 def validate_suite(data: Mapping[str, Any], source: str = "<mapping>") -> Suite:
     """Build the :class:`SuiteConfig` strictly, then check names and cross-field compatibility."""
     from benchmarks import BENCHMARKS
-    from methods import METHODS
-    from rewards import REWARDS
 
     cfg = build(SuiteConfig, data, where="suite")
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", cfg.name):
         raise ConfigError(f"suite.name = {cfg.name!r}; use lower-case letters, digits, '_', '-' or '.' (a folder name)")
-
     _check_registered(BENCHMARKS, cfg.benchmark.name, "suite.benchmark.name")
     benchmark = call_checked(BENCHMARKS.get(cfg.benchmark.name), cfg.benchmark.options, "suite.benchmark.options")
+    _check_model(cfg.model)
+    rewards = _build_rewards(cfg.rewards)
+    method_configs = _build_method_configs(cfg.methods, rewards)
+    _check_loop(cfg)
+    if cfg.report.metric not in benchmark.metrics:
+        raise ConfigError(f"suite.report.metric = {cfg.report.metric!r}; allowed: {', '.join(benchmark.metrics)}")
+    if cfg.report.reference is not None and cfg.report.reference not in method_configs:
+        raise ConfigError(f"suite.report.reference = {cfg.report.reference!r}; allowed: {', '.join(method_configs)}")
+    _check_trackers(cfg.trackers)
+    return Suite(cfg, method_configs, source)
 
-    if cfg.model.kind != "tiny_dit":
+
+def _check_model(model: ModelSpec) -> None:
+    if model.kind != "tiny_dit":
         raise ConfigError(
-            f"suite.model.kind = {cfg.model.kind!r}: `diffrl run` drives the tiny DiT so far; allowed: 'tiny_dit'"
+            f"suite.model.kind = {model.kind!r}: `diffrl run` drives the tiny DiT so far; allowed: 'tiny_dit'"
         )
-    if cfg.model.finetune != "full":
+    if model.finetune != "full":
         raise ConfigError("suite.model.finetune = 'lora': the tiny DiT is fully fine-tuned; allowed: 'full'")
-    if cfg.model.checkpoint is not None and not Path(cfg.model.checkpoint).is_dir():
-        raise ConfigError(f"suite.model.checkpoint = {cfg.model.checkpoint!r} is not a checkpoint folder")
+    if model.checkpoint is not None and not Path(model.checkpoint).is_dir():
+        raise ConfigError(f"suite.model.checkpoint = {model.checkpoint!r} is not a checkpoint folder")
 
-    if not cfg.rewards:
+
+def _build_rewards(terms: Mapping[str, RewardTerm]) -> dict[str, Any]:
+    """Each reward built (weights load lazily, so this is cheap), after checking its name and normalisation."""
+    from rewards import REWARDS
+
+    if not terms:
         raise ConfigError("suite.rewards is empty: name at least one registered reward (diffrl list rewards)")
     rewards = {}
-    for key, term in cfg.rewards.items():
+    for key, term in terms.items():
         _check_registered(REWARDS, key, f"suite.rewards.{key}")
         if (term.normalize == "fixed_range") != (term.range is not None):
             raise ConfigError(
@@ -236,11 +251,17 @@ def validate_suite(data: Mapping[str, Any], source: str = "<mapping>") -> Suite:
         if term.range is not None and not term.range[0] < term.range[1]:
             raise ConfigError(f"suite.rewards.{key}.range = {list(term.range)}; needs low < high")
         rewards[key] = call_checked(REWARDS.get(key), term.options, f"suite.rewards.{key}.options")
+    return rewards
 
-    if not cfg.methods:
+
+def _build_method_configs(entries: tuple[MethodEntry, ...], rewards: Mapping[str, Any]) -> dict[str, Any]:
+    """label → the method's Config, after checking labels, names and compatibility."""
+    from methods import METHODS
+
+    if not entries:
         raise ConfigError("suite.methods is empty: list at least one variant (label, method, config)")
     method_configs: dict[str, Any] = {}
-    for i, entry in enumerate(cfg.methods):
+    for i, entry in enumerate(entries):
         where = f"suite.methods[{i}]"
         if entry.label in method_configs:
             raise ConfigError(f"{where}.label = {entry.label!r} is used twice; labels name variants and must differ")
@@ -253,7 +274,11 @@ def validate_suite(data: Mapping[str, Any], source: str = "<mapping>") -> Suite:
         if entry.eval_cfg < 1.0:
             raise ConfigError(f"{where}.eval_cfg = {entry.eval_cfg}; must be >= 1 (1 = no guidance)")
         method_configs[entry.label] = method_cfg
+    return method_configs
 
+
+def _check_loop(cfg: SuiteConfig) -> None:
+    """Seeds, batch geometry and evaluation settings."""
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
         raise ConfigError(f"suite.seeds = {list(cfg.seeds)}; give distinct non-negative integers")
     if cfg.eval.sampler not in SAMPLERS:
@@ -266,13 +291,6 @@ def validate_suite(data: Mapping[str, Any], source: str = "<mapping>") -> Suite:
             raise ConfigError(f"suite.train.{key} must be >= 1, got {getattr(cfg.train, key)}")
     if cfg.train.images_per_prompt < 2:
         raise ConfigError(f"suite.train.images_per_prompt = {cfg.train.images_per_prompt}; groups need >= 2 images")
-
-    if cfg.report.metric not in benchmark.metrics:
-        raise ConfigError(f"suite.report.metric = {cfg.report.metric!r}; allowed: {', '.join(benchmark.metrics)}")
-    if cfg.report.reference is not None and cfg.report.reference not in method_configs:
-        raise ConfigError(f"suite.report.reference = {cfg.report.reference!r}; allowed: {', '.join(method_configs)}")
-    _check_trackers(cfg.trackers)
-    return Suite(cfg, method_configs, source)
 
 
 def _check_registered(registry: Any, key: str, where: str) -> None:
