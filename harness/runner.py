@@ -122,9 +122,11 @@ class SuiteRunner:
         self.benchmark = build_benchmark(suite)
         self.base_evals: dict[str, dict[str, float]] = read_json(out / "base_evals.json", {})
         self.session = {"eval": 0.0, "sampling": 0.0, "reward": 0.0, "training": 0.0}
+        self.git: dict[str, Any] = {}
 
     def run(self) -> SuiteOutcome:
         started = time.perf_counter()
+        self.git = git_commit()  # the code that runs, read before it runs (a commit made meanwhile is not it)
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "suite.yaml", yaml.safe_dump(self.suite.resolved(), sort_keys=False))
         cells = [(entry.label, seed) for entry in self.cfg.methods for seed in self.cfg.seeds]
@@ -250,7 +252,7 @@ class SuiteRunner:
                 "suite": self.cfg.name,
                 "source": self.suite.source,
                 "config_hash": self.suite.config_hash(),
-                "git": git_commit(),
+                "git": self.git,
                 "packages": package_versions(),
                 "device": device_info(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
