@@ -2,9 +2,9 @@
 
 θ and θ_old (through :class:`~harness.policy.ResumablePolicy`), the optimizer moments, the EMA,
 the step counter, the compute ledger, the training-prompt generator's state, torch's global RNG
-state, any method state, and the loop's own state and logs. Every other random draw of the loop
-is a pure function of ``(seed, role, iteration)``, so a resumed run reproduces an uninterrupted
-one on the CPU. A fingerprint of the run's configuration guards against resuming another run.
+state, any method or reward (running normaliser) state, and the loop's own state and logs. Every other
+random draw of the loop is a pure function of ``(seed, role, iteration)``, so a resumed run reproduces
+an uninterrupted one on the CPU. A fingerprint of the run's configuration guards against resuming another run.
 """
 
 from __future__ import annotations
