@@ -68,6 +68,7 @@ def efficiency_curve(df: pd.DataFrame, metric: str, unit: str, out: Path, *, log
     df = matched_compute(df, unit)
     figure, axis = plt.subplots(figsize=(5.5, 3.6))
     sns.lineplot(data=df, x=unit, y=metric, hue="variant", errorbar=("ci", 95), marker="o", ax=axis)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)  # never over the curves
     axis.set_xlabel(UNIT_LABELS.get(unit, unit))
     axis.set_ylabel(metric.removeprefix("eval/"))
     if log_x:
