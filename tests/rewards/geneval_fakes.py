@@ -122,46 +122,6 @@ def save_tiny_mask2former(path: Path, class_names: Sequence[str], id2label: dict
     return path
 
 
-def save_tiny_clip(path: Path) -> Path:
-    """A random-weight CLIP (32 px, 16-dim projection) with a byte-level tokenizer, saved as a hub folder."""
-    import torch
-    from open_clip.tokenizer import bytes_to_unicode
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    torch.manual_seed(0)
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
-    eos = vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=eos,
-            pad_token_id=eos,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
-
-
 def save_tiny_open_clip(path: Path):
     """A random-weight open_clip model (QuickGELU, 32 px, 16-dim) as a ``local-dir:`` folder; returns the model."""
     import json

@@ -22,7 +22,8 @@ from rewards.geneval_detect.color import (
     make_color_classifier,
     predict_colors,
 )
-from tests.rewards.geneval_fakes import PALETTE, paint, save_tiny_clip, save_tiny_open_clip
+from tests.rewards.geneval_fakes import PALETTE, paint, save_tiny_open_clip
+from tests.rewards.tiny_scorers import save_tiny_clip
 
 # --- composite and crop ----------------------------------------------------------------------------
 

@@ -17,7 +17,8 @@ from rewards.base import Reward, RewardError
 from rewards.geneval import GENEVAL_COLORS, GenEvalRules, MetadataError
 from rewards.geneval_reward import GenEvalReward
 from rewards.shapes import to_uint8
-from tests.rewards.geneval_fakes import PaletteColors, ScriptedDetector, paint, save_tiny_clip, save_tiny_mask2former
+from tests.rewards.geneval_fakes import PaletteColors, ScriptedDetector, paint, save_tiny_mask2former
+from tests.rewards.tiny_scorers import save_tiny_clip
 
 
 @pytest.fixture
