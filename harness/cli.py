@@ -1,4 +1,4 @@
-"""The ``diffrl`` command line: list, pretrain, evaluate, train, compare, run, report, plot, table, bench."""
+"""The ``diffrl`` command line: list, pretrain, pretrain-reward, evaluate, train, compare, run, report, plot, table, bench."""
 
 from __future__ import annotations
 
@@ -43,6 +43,30 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(steps=args.steps, seed=args.seed, save_every=args.save_every)
     out = pretrain(cfg, Path(args.out))
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_pretrain_reward(args: argparse.Namespace) -> int:
+    from benchmarks.shapes.train_classifier import (
+        ClassifierTrainConfig,
+        agreement_markdown,
+        measure_agreement,
+        train_classifier,
+    )
+
+    out = Path(args.out)
+    if not args.measure_only:
+        defaults = ClassifierTrainConfig()
+        cfg = ClassifierTrainConfig(
+            steps=defaults.steps if args.train_steps is None else args.train_steps,
+            seed=args.seed,
+            base_samples=defaults.base_samples if args.base_samples is None else args.base_samples,
+        )
+        print(f"wrote {train_classifier(cfg, out)}")
+    if not args.no_measure:
+        table = agreement_markdown(measure_agreement(out))
+        (out / "agreement.md").write_text(table)
+        print(table)
     return 0
 
 
@@ -114,9 +138,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from benchmarks.shapes.checkpoint import load_shapes_policy
     from harness.budget import Budget
     from harness.config import build, parse_overrides
+    from harness.distributed import from_environment
     from harness.optim import OptimConfig
     from harness.trainer import LoopConfig, train, write_jsonl
     from methods import METHODS
+    from rewards import REWARDS
     from rewards.shapes import ShapesGenEval
 
     method_cls = METHODS.get(args.method)
@@ -128,8 +154,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         budget=Budget(unit="fwd_equiv", amount=args.budget, eval_at=()) if args.budget else None,
     )
     policy = load_shapes_policy(Path(args.checkpoint) if args.checkpoint else None)
-    reward = ShapesGenEval(judgement=args.judgement)
-    result = train(args.method, method_cfg, policy, ShapesBenchmark(), reward, loop, OptimConfig(lr=args.lr))
+    reward = ShapesGenEval(judgement=args.judgement) if args.reward == "shapes_geneval" else REWARDS.get(args.reward)()
+    processes = from_environment()  # several processes under accelerate launch
+    result = train(args.method, method_cfg, policy, ShapesBenchmark(), reward, loop, OptimConfig(lr=args.lr),
+                   processes=processes)  # fmt: skip
+    if not processes.is_main:
+        return 0
     for row in result.evaluations:
         print(
             f"iteration {row['iteration']:>4}  fwd_equiv {row['compute/fwd_equiv']:>10,}  overall {row['eval/overall']:.3f}"
@@ -168,6 +198,7 @@ def _read_results(path: str):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.config import ConfigError
+    from harness.distributed import from_environment
     from harness.report import write_report
     from harness.runner import run_suite
     from harness.suite import load_suite
@@ -185,7 +216,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    outcome = run_suite(suite, out, progress=not args.no_progress)
+    processes = from_environment()  # several processes under accelerate launch; the main one writes
+    outcome = run_suite(suite, out, progress=not args.no_progress, processes=processes)
+    if not processes.is_main:
+        return 0
     if any(c.status == "done" for c in outcome.cells):
         command = f"diffrl run {args.suite}" + (f" --out {args.out}" if args.out else "")
         print(f"wrote {write_report(out, command)}")
@@ -283,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_pre.add_argument("--out", default="results/pretrain/shapes_base", help="checkpoint folder to write")
     p_pre.set_defaults(func=cmd_pretrain)
 
+    p_prew = sub.add_parser(
+        "pretrain-reward", help="train the shapes world's differentiable reward (shapes_classifier; deterministic)"
+    )
+    p_prew.add_argument("--out", default="results/pretrain/shapes_classifier", help="asset folder to write")
+    p_prew.add_argument(
+        "--steps", dest="train_steps", type=int, default=None, help="optimizer steps (default: the committed asset's)"
+    )
+    p_prew.add_argument("--seed", type=int, default=0)
+    p_prew.add_argument("--base-samples", type=int, default=None, help="base-model samples mixed into training")
+    p_prew.add_argument("--measure-only", action="store_true", help="only measure agreement of the asset at --out")
+    p_prew.add_argument("--no-measure", action="store_true", help="skip the agreement measurement (OUT/agreement.md)")
+    p_prew.set_defaults(func=cmd_pretrain_reward)
+
     p_eval = sub.add_parser("evaluate", help="evaluate a checkpoint on a benchmark's held-out eval set")
     p_eval.add_argument("benchmark", choices=["shapes"])
     p_eval.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the committed base)")
@@ -305,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--checkpoint", default=None, help="start from this checkpoint (default: the committed base)")
     p_train.add_argument("--out", default=None, help="write log.jsonl (iterations and evaluations) here")
     p_train.add_argument("--judgement", default="correct", choices=JUDGEMENTS, help=JUDGEMENT_HELP)
+    p_train.add_argument(
+        "--reward", default="shapes_geneval", help="the training reward (a registered name; draft needs a differentiable "
+        "one, e.g. shapes_classifier); the eval metric stays the shapes GenEval rules"
+    )  # fmt: skip
     p_train.set_defaults(func=cmd_train)
 
     p_cmp = sub.add_parser("compare", help="DiffusionNFT vs FlowGRPO (CFG 4.5 and none) at matched compute")

@@ -31,14 +31,15 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where} = {value!r}; allowed: {', '.join(map(repr, allowed))}")
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(annotation):
-            if option is type(None) and value is None:
-                return None
+            if option is type(None):  # None matches only None (the fallthrough below accepts anything)
+                if value is None:
+                    return None
+                continue
             try:
                 return _check_value(value, option, where)
-            except ConfigError as error:
-                errors.append(str(error))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where} = {value!r} matches none of {annotation}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -93,7 +94,12 @@ def build(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
     missing = [name for name in required if name not in checked]
     if missing:
         raise ConfigError(f"missing key {where}.{missing[0]} (required: {', '.join(required)})")
-    return cls(**checked)
+    try:
+        return cls(**checked)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:  # a dataclass's own cross-field check (__post_init__)
+        raise ConfigError(f"{where}: {error}") from error
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ loss stops the run with an error instead of poisoning the weights.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +35,17 @@ class OptimConfig:
 class Optimization:
     """AdamW over the policy's trainable parameters plus the EMA that evaluation uses."""
 
-    def __init__(self, parameters: Sequence[nn.Parameter], cfg: OptimConfig, ema_interval: int = 1) -> None:
+    def __init__(
+        self,
+        parameters: Sequence[nn.Parameter],
+        cfg: OptimConfig,
+        ema_interval: int = 1,
+        gradient_sync: Callable[[list[nn.Parameter]], None] | None = None,
+    ) -> None:
+        """``gradient_sync`` runs on the accumulated gradients before each step (several processes:
+        :meth:`harness.distributed.Processes.average_gradients`)."""
         self.parameters = list(parameters)
+        self.gradient_sync = gradient_sync
         if not self.parameters:
             raise ValueError("the policy has no trainable parameters")
         self.cfg = cfg
@@ -53,7 +62,9 @@ class Optimization:
         (loss * scale).backward()
 
     def step(self) -> float:
-        """Clip, step, zero the grads, advance the step counter and the EMA; returns the grad norm."""
+        """Sync, clip, step, zero the grads, advance the step counter and the EMA; returns the grad norm."""
+        if self.gradient_sync is not None:
+            self.gradient_sync(self.parameters)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -42,7 +42,7 @@ def _measure(variant: Variant, iterations: int, warmup: int, threads: int, queue
         from harness.suite import load_suite
 
         suite = load_suite(suite_name)
-        common = (build_benchmark(suite), build_reward(suite))
+        common = (build_benchmark(suite), build_reward(suite, variant.label))  # the variant's own training reward
         spec = suite.config.train
         loop = replace(loop, prompts_per_iteration=spec.prompts_per_iteration, images_per_prompt=spec.images_per_prompt)
         started = time.perf_counter()

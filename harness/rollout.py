@@ -26,7 +26,6 @@ class Trajectory:
     log_probs: Tensor | None = None
 
 
-@torch.no_grad()
 def rollout(
     policy: Policy,
     sampler: Sampler,
@@ -38,27 +37,29 @@ def rollout(
     uncond: Cond | None = None,
     generator: torch.Generator | None = None,
     keep_trajectory: bool = False,
+    track_grad: bool = False,
 ) -> Trajectory:
     """Integrate from ``noise`` at t = timesteps[0] to timesteps[-1] with the active weights.
 
     Stochastic samplers draw their step noise from ``generator``, so a seeded generator makes
-    the whole trajectory reproducible.
+    the whole trajectory reproducible. ``track_grad`` keeps the autograd graph through every step
+    (direct reward backprop); by default sampling runs without one.
     """
     x = noise
     latents, log_probs = [x], []
     history: History | None = None
     batch = x.shape[0]
-    for k in range(len(timesteps) - 1):
-        t, t_next = timesteps[k], timesteps[k + 1]
-        t_batch = t.expand(batch)
-        v = guided_velocity(policy, x, t_batch, cond, uncond, guidance_scale)
-        step_noise = torch.randn(x.shape, generator=generator, dtype=torch.float32) if sampler.stochastic else None
-        transition = sampler.step(v, x, t, t_next, noise=step_noise, history=history)
-        if sampler.stochastic and keep_trajectory:
-            log_probs.append(sampler.log_prob(transition.x_next, transition))
-        history = History(transition.x0_pred, t)
-        x = transition.x_next.to(noise.dtype)
-        latents.append(x)
+    with torch.set_grad_enabled(track_grad):
+        for k in range(len(timesteps) - 1):
+            t, t_next = timesteps[k], timesteps[k + 1]
+            v = guided_velocity(policy, x, t.expand(batch), cond, uncond, guidance_scale)
+            step_noise = torch.randn(x.shape, generator=generator, dtype=torch.float32) if sampler.stochastic else None
+            transition = sampler.step(v, x, t, t_next, noise=step_noise, history=history)
+            if sampler.stochastic and keep_trajectory:
+                log_probs.append(sampler.log_prob(transition.x_next, transition))
+            history = History(transition.x0_pred, t)
+            x = transition.x_next.to(noise.dtype)
+            latents.append(x)
     return Trajectory(
         x0=x,
         timesteps=timesteps,

@@ -36,11 +36,12 @@ from benchmarks.base import Benchmark, Prompt
 from harness.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from harness.budget import UNIT_COLUMNS
 from harness.config import call_checked
+from harness.distributed import SINGLE, Processes
 from harness.evaluate import EvalOutput
 from harness.images import save_grid
 from harness.policy import Policy
 from harness.store import device_info, git_commit, package_versions, results_frame, write_results
-from harness.suite import MethodEntry, Suite, config_digest
+from harness.suite import MethodEntry, Suite, config_digest, make_benchmark, resolve_device
 from harness.trackers import CellTrackers
 from harness.trainer import LoopConfig, train
 from rewards.base import Reward, WeightedReward
@@ -69,20 +70,18 @@ class SuiteOutcome:
 
 
 def build_benchmark(suite: Suite) -> Benchmark:
-    from benchmarks import BENCHMARKS
-
-    spec = suite.config.benchmark
-    return call_checked(BENCHMARKS.get(spec.name), spec.options, "suite.benchmark.options")
+    benchmark: Benchmark = make_benchmark(suite.config.benchmark)
+    return benchmark
 
 
-def build_reward(suite: Suite) -> Reward:
-    """The training reward: the registered reward itself, or a weighted sum of (optionally normalised) rewards."""
+def build_reward(suite: Suite, label: str | None = None) -> Reward:
+    """The training reward of variant ``label`` (its own ``rewards``, else the suite's): the registered
+    reward itself, or a weighted sum of (optionally normalised) rewards."""
     from rewards import REWARDS
 
-    terms = suite.config.rewards
-    rewards = {
-        key: call_checked(REWARDS.get(key), t.options, f"suite.rewards.{key}.options") for key, t in terms.items()
-    }
+    own = next((m.rewards for m in suite.config.methods if m.label == label), None)
+    terms = own if own is not None else suite.config.rewards
+    rewards = {key: call_checked(REWARDS.get(key), t.options, f"rewards.{key}.options") for key, t in terms.items()}
     normalizers: dict[str, Normalizer] = {}
     for key, term in terms.items():
         if term.normalize == "fixed_range" and term.range is not None:
@@ -94,11 +93,29 @@ def build_reward(suite: Suite) -> Reward:
     return WeightedReward(rewards, {key: t.weight for key, t in terms.items()}, normalizers=normalizers)
 
 
-def load_policy(suite: Suite) -> Policy:
+def load_policy(suite: Suite, processes: Processes = SINGLE) -> Policy:
+    """The model of ``suite`` with fresh trainable weights: the tiny DiT, or SD3 / FLUX with new LoRA adapters.
+
+    Under a multi-GPU launch each process puts the model on its own GPU.
+    """
+    model = suite.config.model
+    if model.kind in ("sd3", "flux"):
+        device = resolve_device(model.device)
+        if processes.world_size > 1 and device.startswith("cuda"):
+            device = str(processes.device)
+        if model.kind == "flux":
+            from harness.policies import flux
+
+            # validation filled in the checkpoint: a folder or a hub id
+            return flux.FluxPolicy.from_pretrained(
+                model.checkpoint or flux.DEFAULT_MODEL, suite.model_config, device=device
+            )
+        from harness.policies import sd3
+
+        return sd3.SD3Policy.from_pretrained(model.checkpoint or sd3.DEFAULT_MODEL, suite.model_config, device=device)
     from benchmarks.shapes.checkpoint import load_shapes_policy
 
-    checkpoint = suite.config.model.checkpoint
-    return load_shapes_policy(Path(checkpoint) if checkpoint else None)
+    return load_shapes_policy(Path(model.checkpoint) if model.checkpoint else None)
 
 
 def cell_dir(out: Path, label: str, seed: int) -> Path:
@@ -116,8 +133,10 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 class SuiteRunner:
     """Runs the cells of one suite into one folder; see the module docstring."""
 
-    def __init__(self, suite: Suite, out: Path, *, progress: bool = True) -> None:
-        self.suite, self.out, self.progress = suite, out, progress
+    def __init__(self, suite: Suite, out: Path, *, progress: bool = True, processes: Processes = SINGLE) -> None:
+        """``processes``: a data-parallel launch runs every cell on all processes; only the main one writes."""
+        self.suite, self.out, self.progress, self.processes = suite, out, progress, processes
+        self.main = processes.is_main
         self.cfg = suite.config
         self.benchmark = build_benchmark(suite)
         self.base_evals: dict[str, dict[str, float]] = read_json(out / "base_evals.json", {})
@@ -127,14 +146,18 @@ class SuiteRunner:
     def run(self) -> SuiteOutcome:
         started = time.perf_counter()
         self.git = git_commit()  # the code that runs, read before it runs (a commit made meanwhile is not it)
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "suite.yaml", yaml.safe_dump(self.suite.resolved(), sort_keys=False))
         cells = [(entry.label, seed) for entry in self.cfg.methods for seed in self.cfg.seeds]
         self._check_earlier_runs(cells)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "suite.yaml", yaml.safe_dump(self.suite.resolved(), sort_keys=False))
         outcomes = []
         for index, (label, seed) in enumerate(cells, 1):
-            tqdm.write(f"[{index}/{len(cells)}] {label} seed {seed}")
+            if self.main:
+                tqdm.write(f"[{index}/{len(cells)}] {label} seed {seed}")
             outcomes.append(self.run_cell(label, seed))
+        if not self.main:
+            return SuiteOutcome(self.out, outcomes)
         rows = [
             {"suite": self.cfg.name, "method": self._entry(o.label).method, "variant": o.label, **row}
             for o in outcomes
@@ -168,25 +191,30 @@ class SuiteRunner:
         status = read_json(folder / "status.json", {})
         fingerprint = self.suite.cell_fingerprint(label, seed)
         if status.get("status") == "done" and status.get("fingerprint") == fingerprint:
-            tqdm.write(f"  done earlier: {len(read_jsonl(folder / 'evals.jsonl'))} evaluations kept")
+            if self.main:
+                tqdm.write(f"  done earlier: {len(read_jsonl(folder / 'evals.jsonl'))} evaluations kept")
             return CellOutcome(label, seed, "done", read_jsonl(folder / "evals.jsonl"))
-        atomic_write_json(folder / "status.json", {"status": "running", "fingerprint": fingerprint})
+        if self.main:
+            atomic_write_json(folder / "status.json", {"status": "running", "fingerprint": fingerprint})
         trackers = CellTrackers(
-            self.cfg.trackers, f"{self.cfg.name}/{label}/seed{seed}", self.out / "trackers", self.suite.resolved()
-        )
+            self.cfg.trackers if self.main else (), f"{self.cfg.name}/{label}/seed{seed}", self.out / "trackers",
+            self.suite.resolved(),
+        )  # fmt: skip
         try:
             evaluations = self._train_cell(label, seed, folder, fingerprint, trackers)
         except Exception as error:  # a failed cell is recorded; the other cells go on
             message = f"{type(error).__name__}: {error}"
-            tqdm.write(f"  FAILED {label} seed {seed}: {message}")
-            atomic_write_json(
-                folder / "status.json",
-                {"status": "failed", "fingerprint": fingerprint, "error": message, "traceback": traceback.format_exc()},
-            )
+            if self.main:
+                tqdm.write(f"  FAILED {label} seed {seed}: {message}")
+                atomic_write_json(folder / "status.json", {"status": "failed", "fingerprint": fingerprint,
+                                                           "error": message, "traceback": traceback.format_exc()})  # fmt: skip
+            if self.processes.world_size > 1:
+                raise  # the other processes cannot go on alone: their next collective would wait forever
             return CellOutcome(label, seed, "failed", error=message)
         finally:
             trackers.finish()
-        atomic_write_json(folder / "status.json", {"status": "done", "fingerprint": fingerprint})
+        if self.main:
+            atomic_write_json(folder / "status.json", {"status": "done", "fingerprint": fingerprint})
         return CellOutcome(label, seed, "done", evaluations)
 
     def _train_cell(self, label: str, seed: int, folder: Path, fingerprint: str, trackers: CellTrackers) -> list[dict]:
@@ -200,7 +228,7 @@ class SuiteRunner:
             eval_sampler=self.cfg.eval.sampler, eval=settings, checkpoint_every=train_spec.checkpoint_every,
         )  # fmt: skip
         evaluations = read_jsonl(folder / "evals.jsonl")
-        reward = build_reward(self.suite)  # per cell: running normalizers must not carry over between cells
+        reward = build_reward(self.suite, label)  # per cell: running normalizers must not carry over between cells
 
         def on_eval(row: dict[str, Any], output: EvalOutput | None) -> None:
             if row["iteration"] == 0 and output is not None:
@@ -215,15 +243,17 @@ class SuiteRunner:
             tqdm.write("  " + self._summary(row))
 
         result = train(
-            entry.method, self.suite.method_configs[label], load_policy(self.suite), self.benchmark, reward, loop,
-            train_spec.optim, progress=self.progress, label=f"{label} s{seed}", on_eval=on_eval,
+            entry.method, self.suite.method_configs[label], load_policy(self.suite, self.processes), self.benchmark,
+            reward, loop, train_spec.optim, progress=self.progress, label=f"{label} s{seed}", on_eval=on_eval,
             on_iteration=lambda row: trackers.log(row, step=int(row["iteration"])),
             checkpoint=folder / "checkpoint.pt", fingerprint=fingerprint, initial_scores=self.base_evals.get(base_key),
+            processes=self.processes,
         )  # fmt: skip
         for phase in self.session:
             self.session[phase] += result.session_seconds[phase]
-        atomic_write_jsonl(folder / "iterations.jsonl", result.iterations)
-        atomic_write_jsonl(folder / "evals.jsonl", result.evaluations)
+        if self.main:
+            atomic_write_jsonl(folder / "iterations.jsonl", result.iterations)
+            atomic_write_jsonl(folder / "evals.jsonl", result.evaluations)
         return result.evaluations
 
     def _summary(self, row: dict[str, Any]) -> str:
@@ -285,6 +315,6 @@ def grid_indices(prompts: Sequence[Prompt], per_task: int, images_per_prompt: in
     return [indices[r] for r in range(per_task) for indices in by_task.values() if r < len(indices)]
 
 
-def run_suite(suite: Suite, out: Path, *, progress: bool = True) -> SuiteOutcome:
-    """Run (or resume) every cell of ``suite`` into ``out``."""
-    return SuiteRunner(suite, out, progress=progress).run()
+def run_suite(suite: Suite, out: Path, *, progress: bool = True, processes: Processes = SINGLE) -> SuiteOutcome:
+    """Run (or resume) every cell of ``suite`` into ``out`` (with ``processes``: every process of a launch calls this)."""
+    return SuiteRunner(suite, out, progress=progress, processes=processes).run()

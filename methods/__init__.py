@@ -22,3 +22,8 @@ METHODS.add(
     "methods.flow_grpo_fast:FlowGRPOFast",
     "FlowGRPO-Fast: SDE and GRPO training only inside a random window of steps, ODE elsewhere",
 )
+METHODS.add(
+    "draft",
+    "methods.draft:DRaFT",
+    "DRaFT-K / DRaFT-LV / ReFL: backprop a differentiable reward through the last sampling steps",
+)

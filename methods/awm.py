@@ -52,7 +52,7 @@ from harness.advantages import StdMode, group_advantages
 from harness.optim import Optimization
 from harness.policy import Policy, iter_batches
 from harness.samplers import flow_schedule, make_sampler
-from methods.base import Rollout
+from methods.base import Rollout, optimizer_chunks
 from methods.flow_grpo import grpo_loss
 from methods.forward_process import collect_clean, flow_matching_error, noised
 
@@ -213,13 +213,11 @@ class AWM:
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg, policy = self.cfg, self.policy
-        advantages = awm_advantages(rewards, rollout.group_ids, std=cfg.std, adv_clip_max=cfg.adv_clip_max,
+        advantages = awm_advantages(rewards, rollout.all_group_ids, std=cfg.std, adv_clip_max=cfg.adv_clip_max,
                                     advantage_max=cfg.advantage_max)  # fmt: skip
-        n = len(rewards)
-        order = torch.arange(n)
-        if cfg.optimizer_steps_per_iteration > 1:
-            order = order[torch.randperm(n, generator=generator)]
-        chunks = [order[s] for s in iter_batches(n, -(-n // cfg.optimizer_steps_per_iteration))]
+        advantages = rollout.mine(advantages)
+        order = torch.arange(len(advantages))
+        chunks = optimizer_chunks(order, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared)
         # Each chunk's (t, ε) come from its own generator seeded from ``generator`` (see _chunk_draws).
         chunk_seeds = torch.randint(0, 2**62, (len(chunks),), generator=generator).tolist()
 

@@ -42,7 +42,7 @@ from harness.optim import Optimization
 from harness.policy import Policy, iter_batches
 from harness.rollout import rollout
 from harness.samplers import flow_schedule, make_sampler
-from methods.base import Rollout
+from methods.base import Rollout, optimizer_chunks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,13 +190,11 @@ class DiffusionNFT:
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg, policy = self.cfg, self.policy
-        r = optimality_probability(rewards, rollout.group_ids, cfg.adv_clip_max, cfg.std)
-        n = rollout.x0.shape[0]
+        r = rollout.mine(optimality_probability(rewards, rollout.all_group_ids, cfg.adv_clip_max, cfg.std))
         logs: dict[str, float] = {"train/r_mean": r.mean().item()}
-        order = torch.arange(n)
-        if cfg.optimizer_steps_per_iteration > 1:  # samples shuffled across optimizer steps, as the official code
-            order = order[torch.randperm(n, generator=generator)]
-        for idx in [order[s] for s in iter_batches(n, -(-n // cfg.optimizer_steps_per_iteration))]:
+        # Samples shuffled across optimizer steps when there are several, as the official code.
+        order = torch.arange(rollout.x0.shape[0])
+        for idx in optimizer_chunks(order, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared):
             times = self.training_times(len(idx), generator)  # (b, K)
             passes = len(list(iter_batches(len(idx), cfg.train_batch_size))) * times.shape[1]
             total, total_kl = 0.0, 0.0

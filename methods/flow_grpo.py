@@ -33,7 +33,7 @@ from harness.optim import Optimization
 from harness.policy import Policy, guided_velocity, iter_batches
 from harness.rollout import rollout
 from harness.samplers import FlowSDE, flow_schedule, flow_sde_step
-from methods.base import Rollout
+from methods.base import Rollout, optimizer_chunks
 
 __all__ = ["FlowGRPO", "FlowGRPOConfig", "flow_sde_step", "gaussian_kl_mean", "grpo_loss", "optimizer_chunks"]
 
@@ -80,17 +80,6 @@ def grpo_loss(
     if kl is not None:
         loss = loss + kl_coef * kl.mean()
     return loss
-
-
-def optimizer_chunks(keep: Tensor, steps: int, generator: torch.Generator) -> list[Tensor]:
-    """Split the kept sample indices into ``steps`` near-equal chunks, one per optimizer step.
-
-    With more than one step the indices are shuffled first (one ``randperm`` from ``generator``), as in the
-    official code; with one step they stay in order and nothing is drawn.
-    """
-    if steps > 1:
-        keep = keep[torch.randperm(len(keep), generator=generator)]
-    return [keep[s] for s in iter_batches(len(keep), -(-len(keep) // steps))]
 
 
 def gaussian_kl_mean(mean: Tensor, mean_ref: Tensor, sigma: Tensor) -> Tensor:
@@ -144,17 +133,18 @@ class FlowGRPO:
         trajectory = rollout.trajectory
         if trajectory is None or trajectory.log_probs is None or trajectory.latents is None:
             raise ValueError("FlowGRPO needs rollouts with latents and log-probs (a stochastic sampler)")
-        advantages = group_advantages(rewards, rollout.group_ids, std=cfg.std).clamp(
+        advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std).clamp(
             -cfg.adv_clip_max, cfg.adv_clip_max
         )
-        dropped = zero_std_groups(rewards, rollout.group_ids)
-        keep = (~dropped).nonzero().flatten()
+        advantages = rollout.mine(advantages)
+        dropped = zero_std_groups(rewards, rollout.all_group_ids)
+        keep = (~rollout.mine(dropped)).nonzero().flatten()
         logs: dict[str, float] = {"train/zero_std_ratio": dropped.float().mean().item()}
-        if len(keep) == 0:
+        if dropped.all():
             logs["train/skipped"] = 1.0  # every group had all-equal rewards: no signal, no step
             return logs
         n_train = max(1, int(cfg.num_steps * cfg.timestep_fraction))
-        chunks = optimizer_chunks(keep, cfg.optimizer_steps_per_iteration, generator)
+        chunks = optimizer_chunks(keep, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared)
         stats = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         first_check = cfg.check_on_policy
         for chunk in chunks:

@@ -42,8 +42,8 @@ from harness.optim import Optimization
 from harness.policy import Cond, Policy, guided_velocity, iter_batches
 from harness.rollout import Trajectory
 from harness.samplers import CPS, EulerODE, flow_schedule, flow_sde_step
-from methods.base import Rollout
-from methods.flow_grpo import gaussian_kl_mean, grpo_loss, optimizer_chunks
+from methods.base import Rollout, optimizer_chunks
+from methods.flow_grpo import gaussian_kl_mean, grpo_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,19 +192,20 @@ class FlowGRPOFast:
         cfg, policy, trajectory = self.cfg, self.policy, rollout.trajectory
         if trajectory is None or trajectory.latents is None or trajectory.log_probs is None:
             raise ValueError("FlowGRPOFast needs the window trajectory from its own collect")
-        advantages = group_advantages(rewards, rollout.group_ids, std=cfg.std).clamp(-cfg.adv_clip_max,
-                                                                                     cfg.adv_clip_max)  # fmt: skip
-        dropped = zero_std_groups(rewards, rollout.group_ids)
-        keep = (~dropped).nonzero().flatten()
+        advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std).clamp(-cfg.adv_clip_max,
+                                                                                         cfg.adv_clip_max)  # fmt: skip
+        advantages = rollout.mine(advantages)
+        dropped = zero_std_groups(rewards, rollout.all_group_ids)
+        keep = (~rollout.mine(dropped)).nonzero().flatten()
         starts = (trajectory.timesteps[:, :1] == self.schedule).float().argmax(dim=1)  # (B,) schedule index
         logs = {
             "train/zero_std_ratio": dropped.float().mean().item(),
             "train/window_start": starts.float().mean().item(),
         }
-        if len(keep) == 0:
+        if dropped.all():
             logs["train/skipped"] = 1.0  # every group had all-equal rewards: no signal, no step
             return logs
-        chunks = optimizer_chunks(keep, cfg.optimizer_steps_per_iteration, generator)
+        chunks = optimizer_chunks(keep, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared)
         n_train = trajectory.log_probs.shape[1]
         stats = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         for chunk in chunks:

@@ -22,7 +22,7 @@ from harness.optim import Optimization
 from harness.policy import Policy, WeightSet, iter_batches
 from harness.rollout import rollout
 from harness.samplers import SAMPLERS, Sampler, flow_schedule, make_sampler
-from methods.base import Rollout
+from methods.base import Rollout, optimizer_chunks
 
 
 def noised(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -129,10 +129,7 @@ def train_weighted_flow_matching(
         )
     if weights.shape != indices.shape:
         raise ValueError(f"weights {tuple(weights.shape)} must align with indices {tuple(indices.shape)}")
-    order = torch.arange(len(indices))
-    if optimizer_steps > 1:
-        order = order[torch.randperm(len(indices), generator=generator)]
-    chunks = [order[s] for s in iter_batches(len(order), -(-len(order) // optimizer_steps))]
+    chunks = optimizer_chunks(torch.arange(len(indices)), optimizer_steps, generator, pad=rollout_.shared)
     logs = {"train/loss": 0.0, "train/fm_error": 0.0}
     for chunk in chunks:
         batches = list(iter_batches(len(chunk), train_batch_size))

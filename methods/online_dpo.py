@@ -42,7 +42,7 @@ from benchmarks.base import Prompt
 from harness.optim import Optimization
 from harness.policy import Cond, Policy, iter_batches
 from harness.samplers import flow_schedule
-from methods.base import Rollout
+from methods.base import Rollout, optimizer_chunks
 from methods.forward_process import (
     collect_clean,
     crossed_multiple,
@@ -111,6 +111,7 @@ class OnlineDPO:
 
     Config: ClassVar[type] = OnlineDPOConfig
     needs_log_prob: ClassVar[bool] = False
+    needs_whole_groups: ClassVar[bool] = True  # a pair's two samples must be on one process
 
     def __init__(self, cfg: OnlineDPOConfig, policy: Policy, optim: Optimization) -> None:
         if not cfg.beta > 0:
@@ -143,17 +144,16 @@ class OnlineDPO:
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg = self.cfg
-        winners, losers = preference_pairs(rewards, rollout.group_ids, cfg.drop_tied_groups)
+        winners, losers = preference_pairs(rewards, rollout.all_group_ids, cfg.drop_tied_groups)
         logs: dict[str, float] = {"train/pairs": float(len(winners))}
         if len(winners) == 0:
             logs["train/skipped"] = 1.0  # every group tied and dropped: no preference, no step
             return logs
         logs["train/reward_margin"] = (rewards[winners] - rewards[losers]).mean().item()
+        winners, losers = rollout.held(winners), rollout.held(losers)  # this process's pairs, local positions
         draws = max(1, int(cfg.num_steps * cfg.timestep_fraction))
         order = torch.arange(len(winners))
-        if cfg.optimizer_steps_per_iteration > 1:
-            order = order[torch.randperm(len(order), generator=generator)]
-        chunks = [order[s] for s in iter_batches(len(order), -(-len(order) // cfg.optimizer_steps_per_iteration))]
+        chunks = optimizer_chunks(order, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared)
         stats = {"loss": 0.0, "implicit_acc": 0.0, "w_diff": 0.0, "l_diff": 0.0}
         step_before = self.optim.global_step
         for chunk in chunks:

@@ -121,8 +121,9 @@ class RAFT:
         return self.core.collect(prompts, group_ids, generator)
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
-        kept = top_k_mask(rewards, rollout.group_ids, self.cfg.top_k, self.cfg.ties).nonzero().flatten()
+        chosen = top_k_mask(rewards, rollout.all_group_ids, self.cfg.top_k, self.cfg.ties)
+        kept = rollout.mine(chosen).nonzero().flatten()
         logs = self.core.train(rollout, kept, torch.ones(len(kept)), generator)
-        logs["train/kept_reward_mean"] = rewards[kept].mean().item()
-        logs["train/kept_fraction"] = len(kept) / len(rewards)
+        logs["train/kept_reward_mean"] = rewards[chosen].mean().item()
+        logs["train/kept_fraction"] = chosen.float().mean().item()
         return logs

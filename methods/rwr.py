@@ -114,8 +114,8 @@ class RWR:
         return self.core.collect(prompts, group_ids, generator)
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
-        weights = rwr_weights(rewards, rollout.group_ids, self.cfg.weights, self.cfg.temperature)
-        logs = self.core.train(rollout, torch.arange(len(rewards)), weights, generator)
+        weights = rollout.mine(rwr_weights(rewards, rollout.all_group_ids, self.cfg.weights, self.cfg.temperature))
+        logs = self.core.train(rollout, torch.arange(len(weights)), weights, generator)
         logs["train/weight_max"] = weights.max().item()
         # Effective sample size of the weights, as a fraction of the batch (1: uniform; 0 if every weight is 0).
         total_sq = (weights**2).sum().item()

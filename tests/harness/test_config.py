@@ -17,11 +17,13 @@ class Example:
     betas: tuple[float, float] = (0.9, 0.99)
     flag: bool = False
     name: str | None = None
+    limit: int | None = 5
 
 
 def test_valid_values_are_coerced():
     cfg = build(Example, {"lr": 1, "betas": [0.5, 0.6], "mode": "b", "flag": True, "name": "x"})
     assert cfg == Example(lr=1.0, betas=(0.5, 0.6), mode="b", flag=True, name="x")
+    assert build(Example, {"limit": None, "name": None}) == Example(limit=None)
 
 
 @pytest.mark.parametrize(
@@ -34,6 +36,9 @@ def test_valid_values_are_coerced():
         ({"mode": "c"}, "config.mode = 'c'; allowed: 'a', 'b'"),
         ({"betas": [0.1]}, "expected 2 values"),
         ({"flag": "yes"}, "expected true or false"),
+        ({"limit": "big"}, "config.limit = 'big' matches none of"),  # None accepts only None
+        ({"name": 3}, "config.name = 3 matches none of"),
+        ({"lr": 1.0, "limit": 2.5}, "config.limit = 2.5 matches none of"),
     ],
 )
 def test_errors_name_the_key(values, message):

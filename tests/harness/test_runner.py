@@ -107,7 +107,7 @@ class FailsOnce:
 def test_a_failed_cell_is_recorded_and_resumes_to_the_same_table(uninterrupted, tmp_path, monkeypatch):
     build = runner.build_reward
     failing = FailsOnce(build(validate_suite(TINY)), at=3)  # one crash in the whole suite (the first cell)
-    monkeypatch.setattr(runner, "build_reward", lambda suite: failing)
+    monkeypatch.setattr(runner, "build_reward", lambda suite, label=None: failing)
     outcome = run_suite(validate_suite(TINY), tmp_path, progress=False)
     assert [(c.label, c.seed, c.status) for c in outcome.cells] == [
         ("nft", 0, "failed"), ("nft", 1, "done"), ("grpo", 0, "done"), ("grpo", 1, "done")
@@ -225,7 +225,7 @@ def test_running_normalisation_state_survives_a_resume(tmp_path, monkeypatch):
            "rewards": {"shapes_geneval": {"options": {"judgement": "correct"}, "normalize": "running"}}}  # fmt: skip
     run_suite(validate_suite(one), tmp_path / "a", progress=False)
     build = runner.build_reward
-    monkeypatch.setattr(runner, "build_reward", lambda suite: FailsOnce(build(suite), at=3))
+    monkeypatch.setattr(runner, "build_reward", lambda suite, label=None: FailsOnce(build(suite, label), at=3))
     assert run_suite(validate_suite(one), tmp_path / "b", progress=False).failed
     monkeypatch.setattr(runner, "build_reward", build)
     assert run_suite(validate_suite(one), tmp_path / "b", progress=False).failed == []

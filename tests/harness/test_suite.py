@@ -131,7 +131,7 @@ def test_unknown_names_are_refused_with_what_is_allowed(path, value, message):
         ("budget.eval_at", [0.5, 0.25], r"budget\.eval_at must be increasing fractions"),
         ("methods.1.eval_cfg", 0.5, r"suite\.methods\[1\]\.eval_cfg = 0\.5; must be >= 1"),
         ("train.images_per_prompt", 1, r"suite\.train\.images_per_prompt = 1; groups need >= 2"),
-        ("model.kind", "sd3", r"suite\.model\.kind = 'sd3'"),
+        ("model.device", "cuda", r"suite\.model\.device = 'cuda': the tiny DiT runs on the CPU"),
         ("model.finetune", "lora", r"suite\.model\.finetune = 'lora'"),
         ("model.checkpoint", "/nonexistent/base", r"suite\.model\.checkpoint = '/nonexistent/base' is not"),
         ("name", "My Suite", r"suite\.name = 'My Suite'"),

@@ -13,7 +13,19 @@ from benchmarks.shapes.world import make_metadata
 from harness.compute import CountingPolicy, Ledger
 from harness.optim import OptimConfig, Optimization
 from harness.trainer import LoopConfig, train
+from rewards.base import RewardSpec
 from rewards.shapes import ShapesGenEval
+
+
+class Redness:
+    """A differentiable test reward: mean red minus mean green and blue, per image (prompt-blind)."""
+
+    spec = RewardSpec(name="redness", version="test", description="red − (green + blue)/2", value_range=(-1.0, 1.0),
+                      differentiable=True)  # fmt: skip
+
+    def __call__(self, images: torch.Tensor, prompts: object) -> torch.Tensor:
+        channels = images.mean(dim=(2, 3))
+        return channels[:, 0] - (channels[:, 1] + channels[:, 2]) / 2
 
 
 def group_prompts(n_groups: int, group_size: int) -> tuple[list[Prompt], torch.Tensor]:
@@ -23,12 +35,12 @@ def group_prompts(n_groups: int, group_size: int) -> tuple[list[Prompt], torch.T
     return expanded, torch.arange(n_groups).repeat_interleave(group_size)
 
 
-def counted(method_cls: Any, cfg: Any, tiny_policy: Any, lr: float = 1e-3) -> tuple[Any, Ledger]:
-    """The method on a counting wrapper of ``tiny_policy``, with its own optimizer."""
+def counted(method_cls: Any, cfg: Any, tiny_policy: Any, lr: float = 1e-3, reward: Any = None) -> tuple[Any, Ledger]:
+    """The method on a counting wrapper of ``tiny_policy``, with its own optimizer (and ``reward`` if it takes one)."""
     ledger = Ledger()
     policy = CountingPolicy(tiny_policy, ledger)
     optim = Optimization(policy.trainable_parameters(), OptimConfig(lr=lr), ema_interval=cfg.ema_interval)
-    return method_cls(cfg, policy, optim), ledger
+    return method_cls(cfg, policy, optim, *([reward] if reward is not None else [])), ledger
 
 
 def loop_smoke(name: str, cfg: Any, tiny_policy: Any) -> list[dict[str, float]]:

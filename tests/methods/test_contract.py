@@ -9,6 +9,7 @@ from harness.optim import OptimConfig
 from harness.trainer import LoopConfig, train
 from methods import METHODS
 from rewards.shapes import ShapesGenEval
+from tests.methods.forward_smoke import Redness
 
 SMALL = {
     "diffusion_nft": {"num_steps": 3},
@@ -18,6 +19,7 @@ SMALL = {
     "online_dpo": {"num_steps": 3, "guidance_scale": 2.0, "ref_update_step": 1},
     "awm": {"num_steps": 3, "train_timesteps": 2},
     "flow_grpo_fast": {"num_steps": 4, "sde_window_size": 2, "sde_window_range": (0, 3)},
+    "draft": {"num_steps": 3},
 }
 
 
@@ -27,7 +29,8 @@ def test_two_iterations_through_the_loop(name, tiny_policy):
     cfg = method_cls.Config(**SMALL.get(name, {}))
     loop = LoopConfig(iterations=2, prompts_per_iteration=2, images_per_prompt=3, eval=EvalSettings(num_steps=2))
     bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
-    result = train(name, cfg, tiny_policy, bench, ShapesGenEval(), loop, OptimConfig(lr=1e-4), progress=False)
+    reward = Redness() if getattr(method_cls, "needs_differentiable_reward", False) else ShapesGenEval()
+    result = train(name, cfg, tiny_policy, bench, reward, loop, OptimConfig(lr=1e-4), progress=False)
     assert [row["iteration"] for row in result.iterations] == [1, 2]
     assert [row["iteration"] for row in result.evaluations] == [0, 2]
     assert result.evaluations[-1]["compute/fwd_equiv"] == result.ledger.fwd_equiv > 0

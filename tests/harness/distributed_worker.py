@@ -1,0 +1,102 @@
+"""Run by tests/harness/test_distributed.py under ``accelerate launch`` with 2 CPU processes (gloo).
+
+Each process writes what it saw to ``OUT/rank<r>.json``; the test compares those files with
+single-process computations. Not a test module itself (no ``test_`` prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.base import Prompt
+from benchmarks.shapes.benchmark import ShapesBenchmark
+from harness.advantages import group_advantages, zero_std_groups
+from harness.distributed import from_environment
+from harness.evaluate import EvalSettings
+from harness.optim import OptimConfig
+from harness.policy import Cond
+from harness.trainer import LoopConfig, train
+from methods import METHODS
+from methods.base import Rollout
+from methods.diffusion_nft import optimality_probability
+from methods.raft import top_k_mask
+from methods.rwr import group_softmax_weights
+from rewards.shapes import ShapesGenEval
+from tests.conftest import make_tiny_policy
+
+# One iteration's batch: 3 prompts x 4 images; with 2 processes, prompt 1's images sit on both.
+REWARDS = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.7, 0.2, 0.6, 0.4, 0.4, 0.4, 0.4])
+GROUP_IDS = torch.arange(3).repeat_interleave(4)
+FEATURES = torch.linspace(-1, 1, 36).reshape(12, 3)
+TARGETS = torch.linspace(0, 2, 12)
+END_TO_END = {"diffusion_nft": {"num_steps": 3}, "raft": {"num_steps": 3}, "online_dpo": {"num_steps": 3},
+              "flow_grpo": {"num_steps": 3, "rollout_cfg": 1.0, "train_cfg": 1.0}}  # fmt: skip
+
+
+def statistics(processes) -> dict[str, list]:
+    """Per-prompt statistics of this process's share, computed from the gathered rewards."""
+    share = processes.shard(len(REWARDS))
+    gathered = processes.gather(REWARDS[share].clone())
+    rollout = Rollout(
+        [Prompt("p")] * (share.stop - share.start), GROUP_IDS[share], Cond({"c": torch.zeros(6, 1)}),
+        torch.zeros(6, 1), batch_group_ids=GROUP_IDS, batch_index=torch.arange(12)[share],
+    )  # fmt: skip
+    ids = rollout.all_group_ids
+    return {
+        "gathered": gathered.tolist(),
+        "grpo_advantages": rollout.mine(group_advantages(gathered, ids, std="group")).tolist(),
+        "nft_r": rollout.mine(optimality_probability(gathered, ids, 5.0, "global")).tolist(),
+        "raft_mask": rollout.mine(top_k_mask(gathered, ids, 1)).tolist(),
+        "rwr_weights": rollout.mine(group_softmax_weights(gathered, ids, 0.1)).tolist(),
+        "zero_std": rollout.mine(zero_std_groups(gathered, ids)).tolist(),
+    }
+
+
+def averaged_gradient(processes) -> list[float]:
+    """d/dw of mean((Xw − y)²) over this process's share, averaged over the processes."""
+    share = processes.shard(len(TARGETS))
+    weight = torch.nn.Parameter(torch.tensor([0.5, -0.2, 0.1]))
+    loss = ((FEATURES[share] @ weight - TARGETS[share]) ** 2).mean()
+    loss.backward()
+    processes.average_gradients([weight])
+    return weight.grad.tolist()
+
+
+def end_to_end(processes, name: str) -> dict[str, object]:
+    """Two iterations through the shared loop; what every process must agree on."""
+    policy = make_tiny_policy(seed=0)
+    cfg = METHODS.get(name).Config(**END_TO_END[name])
+    loop = LoopConfig(iterations=2, prompts_per_iteration=2, images_per_prompt=4, eval=EvalSettings(num_steps=2))
+    bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
+    result = train(name, cfg, policy, bench, ShapesGenEval(), loop, OptimConfig(lr=1e-3), progress=False,
+                   processes=processes)  # fmt: skip
+    weights = torch.cat([p.detach().flatten() for p in policy.trainable_parameters()])
+    return {
+        "weights_sum": weights.double().sum().item(),
+        "weights_abs_sum": weights.double().abs().sum().item(),
+        "reward_means": [row["train/reward_mean"] for row in result.iterations],
+        "fwd_equiv": [row["compute/fwd_equiv"] for row in result.iterations],
+        "local_training_fwd": result.ledger.forward["training"],
+        "evaluations": len(result.evaluations),
+    }
+
+
+def main(out: Path) -> None:
+    processes = from_environment()
+    report = {
+        "rank": processes.rank,
+        "world_size": processes.world_size,
+        "statistics": statistics(processes),
+        "gradient": averaged_gradient(processes),
+        "end_to_end": {name: end_to_end(processes, name) for name in END_TO_END},
+        "seed_keys": list(processes.seed_keys),
+    }
+    (out / f"rank{processes.rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
