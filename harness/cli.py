@@ -47,12 +47,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain_reward(args: argparse.Namespace) -> int:
-    from benchmarks.shapes.train_classifier import (
-        ClassifierTrainConfig,
-        agreement_markdown,
-        measure_agreement,
-        train_classifier,
-    )
+    from benchmarks.shapes.train_classifier import ClassifierTrainConfig, measure_report, train_classifier
 
     out = Path(args.out)
     if not args.measure_only:
@@ -64,9 +59,9 @@ def cmd_pretrain_reward(args: argparse.Namespace) -> int:
         )
         print(f"wrote {train_classifier(cfg, out)}")
     if not args.no_measure:
-        table = agreement_markdown(measure_agreement(out))
-        (out / "agreement.md").write_text(table)
-        print(table)
+        report = measure_report(out)
+        (out / "agreement.md").write_text(report)
+        print(report)
     return 0
 
 
@@ -322,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_prew.add_argument("--out", default="results/pretrain/shapes_classifier", help="asset folder to write")
     p_prew.add_argument(
-        "--steps", dest="train_steps", type=int, default=None, help="optimizer steps (default: the committed asset's)"
+        "--steps",
+        dest="train_steps",
+        metavar="N",
+        type=int,
+        default=None,
+        help="optimizer steps (default: the committed asset's)",
     )
     p_prew.add_argument("--seed", type=int, default=0)
     p_prew.add_argument("--base-samples", type=int, default=None, help="base-model samples mixed into training")
@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.set_defaults(func=cmd_compare)
 
     p_run = sub.add_parser("run", help="run (or resume) a comparison suite; writes results/<suite>/")
-    p_run.add_argument("suite", help="a suite .yaml file or a built-in suite name (shapes_quick, shapes_full)")
+    shipped = sorted(p.stem for p in (Path(__file__).parent / "suites").glob("*.yaml"))  # harness.suite imports torch
+    p_run.add_argument("suite", help=f"a suite .yaml file or a built-in suite name ({', '.join(shipped)})")
     p_run.add_argument("--out", default=None, help="suite folder (default: results/<suite name>)")
     p_run.add_argument("--check", action="store_true", help="validate the suite and exit")
     p_run.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -41,7 +41,8 @@ from harness.evaluate import EvalOutput
 from harness.images import save_grid
 from harness.policy import Policy
 from harness.store import device_info, git_commit, package_versions, results_frame, write_results
-from harness.suite import MethodEntry, Suite, config_digest, make_benchmark, resolve_device
+from harness.suite import MethodEntry, Suite, config_digest, make_benchmark
+from harness.suite_model import resolve_device
 from harness.trackers import CellTrackers
 from harness.trainer import LoopConfig, train
 from rewards.base import Reward, WeightedReward

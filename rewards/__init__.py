@@ -26,3 +26,8 @@ REWARDS.add(
     "rewards.geneval_reward:GenEvalReward",
     "GenEval: Mask2Former (mmdet or hf) + CLIP colours + official rules; FlowGRPO partial credit by default",
 )
+REWARDS.add(
+    "shapes_classifier",
+    "rewards.shapes_classifier:ShapesClassifierReward",
+    "differentiable proxy of shapes_geneval's partial credit: a small CNN + soft GenEval rules, in [0, 1]",
+)

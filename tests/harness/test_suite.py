@@ -181,6 +181,23 @@ def test_a_reward_backprop_method_needs_a_differentiable_reward(test_methods):
         validate_suite(bad)
 
 
+def test_a_variant_can_train_on_its_own_rewards(test_methods):
+    """``methods[i].rewards`` replaces suite.rewards for that variant only, and is checked like it."""
+    own = {"label": "a", "method": "needs_gradients", "rewards": {"shapes_classifier": {"weight": 1.0}}}
+    suite = validate_suite(with_change("methods.0", own))
+    assert suite.config.methods[0].rewards is not None and "shapes_classifier" in suite.config.methods[0].rewards
+    assert suite.config.methods[1].rewards is None  # the other variant keeps suite.rewards
+    plain = dict(own, rewards={"shapes_geneval": {}})
+    with pytest.raises(ConfigError, match=r"methods\[0\].*\['shapes_geneval'\] are not.*methods\[0\]\.rewards"):
+        validate_suite(with_change("methods.0", plain))
+    with pytest.raises(ConfigError, match=r"methods\[0\]\.rewards is empty"):
+        validate_suite(with_change("methods.0", dict(own, rewards={})))
+    with pytest.raises(
+        ConfigError, match=r"methods\[0\]\.rewards\.shapes_clasifier: unknown reward.*Did you mean 'shapes_classifier'"
+    ):
+        validate_suite(with_change("methods.0", dict(own, rewards={"shapes_clasifier": {}})))
+
+
 def test_yaml_errors_duplicate_keys_and_missing_files(tmp_path):
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump(VALID) + "seeds: [3]\n")

@@ -23,7 +23,8 @@ from harness.policies.flux import DEFAULT_MODEL, FluxLoRAConfig, FluxPolicy, Flu
 from harness.registry import Entry
 from harness.runner import SuiteOutcome, run_suite
 from harness.store import read_results
-from harness.suite import CFG_FIELDS, FLUX_DEV_SCHEDULER, expected_flux_shift, load_suite, validate_suite
+from harness.suite import load_suite, validate_suite
+from harness.suite_model import CFG_FIELDS, FLUX_DEV_SCHEDULER, expected_flux_shift
 from methods import METHODS
 from rewards import REWARDS
 from tests.harness.policies import tiny_flux
