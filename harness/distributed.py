@@ -10,7 +10,9 @@ Before every optimizer step the gradients are averaged over the processes, which
 all-reduce mean, done once per step on the trainable parameters rather than in buckets during
 the backward pass: it works with any forward pattern (three weight sets, reference passes
 without gradient) and the LoRA / tiny-model parameter sets are small. Every process then holds
-the same weights, so evaluation and checkpoints are the main process's job.
+the same weights, so evaluation and checkpoints are the main process's job. Under FSDP
+(:mod:`harness.fsdp`) each process holds shards instead, FSDP averages the gradients, and every
+process evaluates and gathers checkpoints.
 
 With one process every function here is the identity and nothing is imported from accelerate.
 """
@@ -32,10 +34,17 @@ class Processes:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")  # where collectives run (cuda for nccl)
+    fsdp: bool = False  # shard the policy with FSDP2 (accelerate config distributed_type: FSDP)
+    reshard_after_forward: bool = True  # FSDP2's option: free gathered parameters after each forward
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this process runs evaluations: the main one, or every one under FSDP (forwards gather shards)."""
+        return self.is_main or self.fsdp
 
     @property
     def seed_keys(self) -> tuple[str, ...]:
@@ -102,13 +111,17 @@ def from_environment() -> Processes:
     """The processes of this launch: :data:`SINGLE` unless ``WORLD_SIZE`` > 1 (accelerate launch, torchrun).
 
     The process group is set up by accelerate's ``PartialState``: NCCL where CUDA is available,
-    gloo on the CPU (``ACCELERATE_USE_CPU=1`` forces the CPU).
+    gloo on the CPU (``ACCELERATE_USE_CPU=1`` forces the CPU). An FSDP accelerate config sets
+    ``fsdp`` (:func:`harness.fsdp.requested`); with one process there is nothing to shard.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return SINGLE
     from accelerate import PartialState
 
+    from harness.fsdp import requested
+
     cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
     device = torch.device("cpu") if cpu else torch.device("cuda", state.local_process_index)
-    return Processes(rank=state.process_index, world_size=state.num_processes, device=device)
+    fsdp, reshard = requested()
+    return Processes(state.process_index, state.num_processes, device, fsdp=fsdp, reshard_after_forward=reshard)

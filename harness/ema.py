@@ -1,7 +1,8 @@
 """EMA of the trainable parameters, used for evaluation and saved checkpoints.
 
 As the official DiffusionNFT/FlowGRPO ``EMAModuleWrapper``: decay ``min((1 + s)/(10 + s), max)``
-at optimizer step ``s``, applied every ``interval`` steps.
+at optimizer step ``s``, applied every ``interval`` steps. Under FSDP the parameters, and so the
+shadows, are DTensor shards; the element-wise updates act on the shards.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+
+from harness.fsdp import local_like
 
 
 class EMA:
@@ -49,5 +52,6 @@ class EMA:
         return {"shadow": [s.clone() for s in self.shadow]}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Copy saved shadows in (full tensors are cut to this process's shard under FSDP)."""
         for shadow, saved in zip(self.shadow, state["shadow"], strict=True):  # type: ignore[call-overload]
-            shadow.copy_(saved)
+            shadow.copy_(local_like(saved, shadow))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from harness.ema import EMA
+from harness.fsdp import full_tensor, local_optimizer_state
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +44,10 @@ class Optimization:
         gradient_sync: Callable[[list[nn.Parameter]], None] | None = None,
     ) -> None:
         """``gradient_sync`` runs on the accumulated gradients before each step (several processes:
-        :meth:`harness.distributed.Processes.average_gradients`)."""
+        :meth:`harness.distributed.Processes.average_gradients`; none under FSDP, whose backward averages).
+
+        Under FSDP the parameters are DTensor shards: the optimizer moments and the EMA are shards too,
+        the grad norm is over the whole gradient, and :meth:`load_state_dict` takes full tensors."""
         self.parameters = list(parameters)
         self.gradient_sync = gradient_sync
         if not self.parameters:
@@ -70,13 +74,15 @@ class Optimization:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         self.ema.update(self.global_step)
-        return float(grad_norm)
+        return float(full_tensor(grad_norm))
 
     def state_dict(self) -> dict[str, object]:
-        """Optimizer moments, EMA weights and the step counter (everything a resumed run needs)."""
+        """Optimizer moments, EMA weights and the step counter (everything a resumed run needs; shards under FSDP)."""
         return {"optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(), "global_step": self.global_step}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+        """Restore :meth:`state_dict`'s values, given as full tensors or (without FSDP) as saved."""
+        optimizer = local_optimizer_state(state["optimizer"], self.parameters)  # type: ignore[arg-type]
+        self.optimizer.load_state_dict(optimizer)
         self.ema.load_state_dict(state["ema"])  # type: ignore[arg-type]
         self.global_step = int(state["global_step"])  # type: ignore[call-overload]

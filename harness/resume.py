@@ -5,6 +5,8 @@ the step counter, the compute ledger, the training-prompt generator's state, tor
 state, any method or reward (running normaliser) state, and the loop's own state and logs. Every other
 random draw of the loop is a pure function of ``(seed, role, iteration)``, so a resumed run reproduces
 an uninterrupted one on the CPU. A fingerprint of the run's configuration guards against resuming another run.
+Under FSDP (:mod:`harness.fsdp`) the file holds full tensors, gathered on every process, so it loads into
+a single-process run and back.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from harness.atomic import atomic_write
 from harness.compute import Ledger
+from harness.fsdp import full_tensors, local_state
 from harness.optim import Optimization
 from harness.policy import Policy, ResumablePolicy
 
@@ -38,24 +41,29 @@ CHECKPOINT_FORMAT = 1
 
 def save_checkpoint(
     path: Path, state: LoopState, policy: Policy, optim: Optimization, ledger: Ledger,
-    prompt_rng: np.random.Generator, method: Any, fingerprint: str, reward: Any = None,
+    prompt_rng: np.random.Generator, method: Any, fingerprint: str, reward: Any = None, write: bool = True,
 ) -> None:  # fmt: skip
-    """Write everything a resumed run needs, atomically (a kill leaves the previous checkpoint)."""
+    """Write everything a resumed run needs, atomically (a kill leaves the previous checkpoint).
+
+    Under FSDP every process calls this (gathering the shards is a collective) and only the one
+    with ``write`` writes.
+    """
     if not isinstance(policy, ResumablePolicy):
         raise TypeError(f"{type(policy).__name__} cannot be checkpointed: it lacks weight_state/load_weight_state")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "fingerprint": fingerprint,
         "state": asdict(state),
-        "weights": {which: policy.weight_state(which) for which in ("train", "old")},
-        "optim": optim.state_dict(),
+        "weights": full_tensors({which: policy.weight_state(which) for which in ("train", "old")}),
+        "optim": full_tensors(optim.state_dict()),
         "ledger": ledger.state_dict(),
         "prompt_rng": prompt_rng.bit_generator.state,
         "torch_rng": torch.get_rng_state(),
         "method": method.state_dict() if hasattr(method, "state_dict") else None,
         "reward": reward.state_dict() if hasattr(reward, "state_dict") else None,  # e.g. running normalizers
     }
-    atomic_write(path, lambda f: torch.save(payload, f))
+    if write:
+        atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(
@@ -75,7 +83,7 @@ def load_checkpoint(
     if not isinstance(policy, ResumablePolicy):
         raise TypeError(f"{type(policy).__name__} cannot be resumed: it lacks weight_state/load_weight_state")
     for which, weights in payload["weights"].items():
-        policy.load_weight_state(which, weights)
+        policy.load_weight_state(which, local_state(weights, policy.weight_state(which)))  # shards under FSDP
     optim.load_state_dict(payload["optim"])
     ledger.load_state_dict(payload["ledger"])
     prompt_rng.bit_generator.state = payload["prompt_rng"]

@@ -97,7 +97,7 @@ def build_reward(suite: Suite, label: str | None = None) -> Reward:
 def load_policy(suite: Suite, processes: Processes = SINGLE) -> Policy:
     """The model of ``suite`` with fresh trainable weights: the tiny DiT, or SD3 / FLUX with new LoRA adapters.
 
-    Under a multi-GPU launch each process puts the model on its own GPU.
+    Under a multi-GPU launch each process puts the model on its own GPU (under FSDP ``train`` then shards it).
     """
     model = suite.config.model
     if model.kind in ("sd3", "flux"):

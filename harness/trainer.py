@@ -8,7 +8,9 @@ same seed see the same training prompts and the same eval images' noise.
 With several processes (``accelerate launch``; :mod:`harness.distributed`) each samples and
 scores its share of the batch, the rewards are gathered, gradients averaged before every
 optimizer step, compute counters summed over the processes; the main process evaluates and
-checkpoints while the others wait at the next gather.
+checkpoints while the others wait at the next gather. Under FSDP (:mod:`harness.fsdp`) the policy
+is sharded first, FSDP's backward averages the gradients, and every process evaluates (each
+forward gathers shards) and gathers each checkpoint, which the main process writes.
 
 With a checkpoint path the loop is resumable: it saves θ, θ_old, the optimizer, the EMA, the
 ledger, the prompt generator and its logs atomically after every evaluation and every
@@ -36,6 +38,7 @@ from harness.budget import Budget
 from harness.compute import PHASES, CountingPolicy, Ledger
 from harness.distributed import SINGLE, Processes
 from harness.evaluate import EvalOutput, EvalSettings, evaluate_policy
+from harness.fsdp import check_method, shard_policy
 from harness.optim import OptimConfig, Optimization
 from harness.policy import Policy
 from harness.resume import LoopState, load_checkpoint, save_checkpoint
@@ -94,12 +97,13 @@ def build_method(
 
     A method that backpropagates through the reward (``needs_differentiable_reward``) is handed the
     training reward, which must be differentiable; every other method only sees the loop's scores.
-    With several processes the optimizer averages gradients over them before each step.
+    With several processes the optimizer averages gradients over them before each step (under FSDP the
+    backward pass does).
     """
     method_cls = METHODS.get(name)
     if not isinstance(method_cfg, method_cls.Config):
         raise TypeError(f"method {name!r} takes a {method_cls.Config.__name__}, got {type(method_cfg).__name__}")
-    sync = processes.average_gradients if processes.world_size > 1 else None
+    sync = processes.average_gradients if processes.world_size > 1 and not processes.fsdp else None
     optim = Optimization(
         policy.trainable_parameters(), optim_cfg, ema_interval=method_cfg.ema_interval, gradient_sync=sync
     )
@@ -130,6 +134,8 @@ def check_geometry(method_name: str, reward: Reward, loop: LoopConfig, processes
             f"process split groups of images_per_prompt={loop.images_per_prompt}; make the per-process share "
             "a multiple of images_per_prompt"
         )
+    if processes.fsdp:
+        check_method(method_name)
     state = reward.state_dict() if hasattr(reward, "state_dict") else {}
     if state:
         raise ValueError(
@@ -180,9 +186,14 @@ def train(
     already known (they do not depend on the method or the seed), so iteration 0 is not re-sampled.
     ``on_eval`` receives each evaluation row and its images (None for ``initial_scores``).
     ``processes``: this process's place in a data-parallel launch (evaluations, callbacks and
-    checkpoint writes happen on the main process only).
+    checkpoint writes happen on the main process only). Under FSDP ``policy`` is sharded in place.
     """
     share = check_geometry(method_name, reward, loop, processes)
+    reuse_base = initial_scores is not None
+    if processes.fsdp:
+        shard_policy(policy, processes.device, processes.world_size, processes.reshard_after_forward)
+        # Only the main process learns the base scores (on_eval): all follow its choice, to run the same passes.
+        reuse_base = processes.max([float(reuse_base)])[0] > 0
     torch.manual_seed(loop.seed)
     ledger = Ledger()
     counted = CountingPolicy(policy, ledger)
@@ -202,20 +213,27 @@ def train(
     def elapsed() -> float:
         return state.elapsed + time.perf_counter() - started
 
-    def save() -> None:
-        if checkpoint is not None and processes.is_main:
+    def save() -> None:  # under FSDP every process gathers the shards; the main one writes
+        if checkpoint is not None and (processes.is_main or processes.fsdp):
             saved_elapsed, state.elapsed = state.elapsed, elapsed()
-            save_checkpoint(checkpoint, state, policy, optim, ledger, prompt_rng, method, fingerprint, reward)
+            save_checkpoint(checkpoint, state, policy, optim, ledger, prompt_rng, method, fingerprint, reward,
+                            write=processes.is_main)  # fmt: skip
             state.elapsed = saved_elapsed
 
     def evaluate(iteration: int, point: int | None) -> None:
         output: EvalOutput | None = None
-        if iteration == 0 and initial_scores is not None:
+        if iteration == 0 and reuse_base:
+            if not processes.is_main:  # FSDP: the main process reuses the base scores, no passes to join
+                return
+            if initial_scores is None:
+                raise RuntimeError("initial_scores were given to another process but not to the main one")
             scores = initial_scores
         else:
             with ledger.phase("eval"), optim.ema.applied():
                 output = evaluate_policy(counted, benchmark, eval_sampler, loop.eval, progress=False)
             scores = output.scores
+            if not processes.is_main:  # FSDP: the other processes only joined the forward passes
+                return
         counters = totals
         if processes.world_size > 1:  # only this (main) process evaluates: its eval counters are the total
             counters = dataclasses.replace(
@@ -240,7 +258,7 @@ def train(
         if on_eval is not None:
             on_eval(row, output)
 
-    if state.iteration == 0 and not state.evaluations and loop.evaluate and processes.is_main:
+    if state.iteration == 0 and not state.evaluations and loop.evaluate and processes.evaluates:
         evaluate(0, None)
         save()
     bar = tqdm(
@@ -288,7 +306,7 @@ def train(
             point, state.next_eval_point = state.next_eval_point, state.next_eval_point + 1
         due = finished or point is not None or (loop.eval_every and iteration % loop.eval_every == 0)
         if due and loop.evaluate:
-            if processes.is_main:
+            if processes.evaluates:
                 evaluate(iteration, point)
             save()
         elif finished or iteration % loop.checkpoint_every == 0:

@@ -10,6 +10,10 @@
 * dtype names, frozen-module placement, the VAE decode ``latents / scaling_factor + shift_factor`` →
   ``[0, 1]`` (``VaeImageProcessor.postprocess``), and the EMA weights of a trainer checkpoint.
 
+Under FSDP (:mod:`harness.fsdp`) :meth:`LoRAAdapters.fully_shard` shards the transformer per block with
+the base weights and both adapters together; the LoRA tensors read out of it are then gathered full
+tensors (every process must call), and those written into it are cut to this process's shard.
+
 Each policy keeps its own prompt encoding, latent layout, timestep scale and schedule.
 """
 
@@ -25,6 +29,7 @@ from typing import Any, Literal, Protocol, cast
 import torch
 from torch import Tensor, nn
 
+from harness.fsdp import full_tensor, local_like
 from harness.policy import WEIGHT_SETS, WeightSet
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -231,19 +236,36 @@ class LoRAAdapters:
         for old, new in zip(self.old_params, self.train_params, strict=True):
             old.mul_(eta).add_(new.detach(), alpha=1.0 - eta)
 
+    def fully_shard(self, shard: Callable[[nn.Module], object], blocks: Sequence[nn.Module]) -> None:
+        """FSDP: ``shard`` each transformer block, then the transformer (the rest: embeddings, norms, output).
+
+        Sharding swaps in DTensor parameters, so θ's and old's lists are re-read (in place: policies alias them).
+        """
+        for block in blocks:
+            shard(block)
+        shard(self.transformer)
+        params = dict(self.transformer.named_parameters())
+        self.train_params[:] = [params[n] for n in self.train_names]
+        self.old_params[:] = [params[n] for n in self.old_names]
+        self._select(self.active)
+
     # ---------------------------------------------------------------------------------------- tensors
+    def keys(self, which: Literal["train", "old"]) -> list[str]:
+        """peft's adapter-free keys of θ's or old's LoRA, in parameter order."""
+        adapter, names = (TRAIN_ADAPTER, self.train_names) if which == "train" else (OLD_ADAPTER, self.old_names)
+        return [n.replace(f".{adapter}.", ".") for n in names]
+
     def state_dict(
         self, which: Literal["train", "old"] = "train", tensors: Sequence[Tensor] | None = None
     ) -> dict[str, Tensor]:
         """θ's or old's LoRA with peft's adapter-free keys (``…to_q.lora_A.weight``), CPU fp32 copies.
 
-        ``tensors`` replaces θ's values, in ``train_params`` order (e.g. ``optim.ema.shadow``).
+        ``tensors`` replaces θ's values, in ``train_params`` order (e.g. ``optim.ema.shadow``). Under FSDP the
+        shards are gathered: every process must call this.
         """
         if which not in ("train", "old"):
             raise ValueError(f"which must be 'train' or 'old' (ref has no LoRA), got {which!r}")
-        names: list[str]
-        values: Sequence[Tensor]
-        names, values = (self.train_names, self.train_params) if which == "train" else (self.old_names, self.old_params)
+        values: Sequence[Tensor] = self.train_params if which == "train" else self.old_params
         if tensors is not None:
             if which != "train" or len(tensors) != len(values):
                 raise ValueError(
@@ -254,18 +276,17 @@ class LoRAAdapters:
                 if given.shape != param.shape:
                     raise ValueError(f"tensor shape {tuple(given.shape)} != parameter shape {tuple(param.shape)}")
             values = list(tensors)
-        adapter = TRAIN_ADAPTER if which == "train" else OLD_ADAPTER
         return {
-            n.replace(f".{adapter}.", "."): v.detach().to("cpu", torch.float32, copy=True)
-            for n, v in zip(names, values, strict=True)
+            key: full_tensor(v.detach()).to("cpu", torch.float32, copy=True)
+            for key, v in zip(self.keys(which), values, strict=True)
         }
 
     @torch.no_grad()
     def load_state_dict(self, which: WeightSet, state: dict[str, Tensor]) -> None:
-        """Copy LoRA tensors (keys as :meth:`state_dict`) into θ ("train") or old."""
+        """Copy LoRA tensors (keys as :meth:`state_dict`, full tensors) into θ ("train") or old."""
         if which == "ref":
             raise ValueError("which must be 'train' or 'old' (ref has no LoRA), got 'ref'")
-        expected = self.state_dict(which)
+        expected = self.keys(which)
         if set(state) != set(expected):
             missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
             raise ValueError(
@@ -279,7 +300,7 @@ class LoRAAdapters:
                     f"{key} has shape {tuple(state[key].shape)}, expected {tuple(param.shape)} "
                     f"({self.config_name}.rank={self.lora.rank})"
                 )
-            param.copy_(state[key].to(param.device, param.dtype))
+            param.copy_(local_like(state[key].to(param.dtype), param))  # this process's shard under FSDP
 
     # ---------------------------------------------------------------------------------------- files
     def save(

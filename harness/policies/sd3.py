@@ -231,6 +231,12 @@ class SD3Policy:
         """θ's LoRA parameters (fp32), in a fixed order (sorted names) that :meth:`save_lora` relies on."""
         return list(self._lora.train_params)
 
+    def fully_shard(self, shard: Callable[[nn.Module], object]) -> None:
+        """FSDP: shard the transformer per block, with the base weights and both LoRA adapters (the VAE and
+        the text encoders stay whole on every process). Used by :func:`harness.fsdp.shard_policy`."""
+        transformer: Any = self.transformer  # diffusers' SD3 transformer: block lists unseen by nn.Module's typing
+        self._lora.fully_shard(shard, transformer.transformer_blocks)
+
     def update_old(self, eta: float) -> None:
         """``old ← η·old + (1 − η)·θ`` on the LoRA parameters; ``eta = 0`` copies θ."""
         self._lora.update_old(eta)

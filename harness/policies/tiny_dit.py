@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -245,6 +245,21 @@ class TinyDiTPolicy:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         for old, new in zip(self._copies["old"].parameters(), self.model.parameters(), strict=True):
             old.mul_(eta).add_(new.detach(), alpha=1.0 - eta)
+
+    def fully_shard(self, shard: Callable[[nn.Module], object]) -> None:
+        """FSDP: shard each weight set's network per DiT block, the text encoder, then the root.
+
+        ``encode_text`` is registered as a forward method, so encoding prompts all-gathers the root
+        (its parameters are shards otherwise). Used by :func:`harness.fsdp.shard_policy`.
+        """
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        for network in (self.model, *self._copies.values()):
+            for block in network.blocks:
+                shard(block)
+            shard(network.text)
+            shard(network)
+            register_fsdp_forward_method(network, "encode_text")
 
     def weight_state(self, which: WeightSet) -> dict[str, Tensor]:
         """A copy of one weight set's tensors (for checkpoints and EMA)."""

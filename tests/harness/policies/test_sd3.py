@@ -303,9 +303,9 @@ def test_ema_weights_from_a_run_checkpoint(pipeline_dir, tmp_path, monkeypatch):
     saved = {}
     save = harness.trainer.save_checkpoint
 
-    def spy(path, state, policy_, optim, *args):  # the optimisation object that train() does not return
+    def spy(path, state, policy_, optim, *args, **kwargs):  # the optimisation object that train() does not return
         saved["shadow"] = [s.clone() for s in optim.ema.shadow]
-        save(path, state, policy_, optim, *args)
+        save(path, state, policy_, optim, *args, **kwargs)
 
     monkeypatch.setattr(harness.trainer, "save_checkpoint", spy)
     train("diffusion_nft", DiffusionNFTConfig(num_steps=2, train_batch_size=4), policy, tiny_prompts(),
