@@ -153,6 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     processes = from_environment()  # several processes under accelerate launch
     result = train(args.method, method_cfg, policy, ShapesBenchmark(), reward, loop, OptimConfig(lr=args.lr),
                    processes=processes)  # fmt: skip
+    processes.close()
     if not processes.is_main:
         return 0
     for row in result.evaluations:
@@ -213,6 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     processes = from_environment()  # several processes under accelerate launch; the main one writes
     outcome = run_suite(suite, out, progress=not args.no_progress, processes=processes)
+    processes.close()
     if not processes.is_main:
         return 0
     if any(c.status == "done" for c in outcome.cells):

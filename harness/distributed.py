@@ -10,9 +10,11 @@ Before every optimizer step the gradients are averaged over the processes, which
 all-reduce mean, done once per step on the trainable parameters rather than in buckets during
 the backward pass: it works with any forward pattern (three weight sets, reference passes
 without gradient) and the LoRA / tiny-model parameter sets are small. Every process then holds
-the same weights, so evaluation and checkpoints are the main process's job. Under FSDP
+the same weights, so checkpoints are the main process's job. Evaluation is sharded: every process
+samples and decodes a round-robin share of the eval batches, the images are gathered on the main
+process, which scores them and shares the scores (:mod:`harness.evaluate`). Under FSDP
 (:mod:`harness.fsdp`) each process holds shards instead, FSDP averages the gradients, and every
-process evaluates and gathers checkpoints.
+process gathers checkpoints.
 
 With one process every function here is the identity and nothing is imported from accelerate.
 """
@@ -22,9 +24,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,11 +45,6 @@ class Processes:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def evaluates(self) -> bool:
-        """Whether this process runs evaluations: the main one, or every one under FSDP (forwards gather shards)."""
-        return self.is_main or self.fsdp
 
     @property
     def seed_keys(self) -> tuple[str, ...]:
@@ -69,6 +69,32 @@ class Processes:
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, local)
         return torch.cat(parts).to(tensor.device)
+
+    def gather_on_main(self, tensor: Tensor) -> list[Tensor] | None:
+        """Every process's ``tensor`` on the main process, in rank order (None elsewhere).
+
+        Sizes along dim 0 may differ between processes (the other dims may not): each is padded to the
+        largest for the collective and cut back on the main process, which receives them on the CPU.
+        """
+        if self.world_size == 1:
+            return [tensor]
+        local = tensor.detach().to(self.device).contiguous()
+        sizes = [int(n) for n in self.gather(torch.tensor([local.shape[0]], device=self.device)).tolist()]
+        padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=self.device)
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)] if self.is_main else None
+        torch.distributed.gather(padded, parts, dst=0)
+        if parts is None:
+            return None
+        return [part[:n].cpu() for part, n in zip(parts, sizes, strict=True)]
+
+    def broadcast_from_main(self, value: T) -> T:
+        """The main process's ``value`` (any picklable object) on every process."""
+        if self.world_size == 1:
+            return value
+        box = [value if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums of ``values`` over the processes."""
@@ -102,6 +128,13 @@ class Processes:
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def close(self) -> None:
+        """Wait for every process, then tear the process group down (a process that exits with the group
+        alive can abort in the communication threads while another still finishes its last collective)."""
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 SINGLE = Processes()

@@ -9,6 +9,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from benchmarks.base import Benchmark, Prompt
+from harness.distributed import SINGLE, Processes
 from harness.policy import Policy, WeightSet, iter_batches
 from harness.rollout import rollout
 from harness.samplers import Sampler, flow_schedule
@@ -29,7 +30,9 @@ class EvalSettings:
 @dataclass(frozen=True)
 class EvalOutput:
     scores: dict[str, float]
-    images: Tensor  # (N, 3, H, W) in [0, 1], prompt-major: image j of prompt i at i·images_per_prompt + j
+    # (N, 3, H, W) in [0, 1], prompt-major: image j of prompt i at i·images_per_prompt + j.
+    # Only the main process of a launch holds them (None on the others, which made their share).
+    images: Tensor | None
     prompts: list[Prompt]
 
 
@@ -52,23 +55,51 @@ def evaluate_policy(
     settings: EvalSettings = EvalSettings(),
     *,
     progress: bool = True,
+    processes: Processes = SINGLE,
 ) -> EvalOutput:
-    """Sample every eval image under the chosen weights and score them with the benchmark's metric."""
+    """Sample every eval image under the chosen weights and score them with the benchmark's metric.
+
+    With several processes the batches are dealt round-robin (batch b to process b mod P), each
+    process samples and decodes its own, and the images are gathered on the main process after every
+    round; it scores them and every process returns its scores. The batches, their noise and their
+    sampler seeds are the single process's, so the scores do not depend on the process count. A
+    process left without a batch in the last round samples one filler image (counted, discarded), so
+    every process runs the same passes, which FSDP's all-gathers need.
+    """
     prompts = benchmark.eval_prompts()
     expanded = [p for p in prompts for _ in range(benchmark.images_per_prompt)]
     noise = eval_noise(benchmark, policy.sample_shape, len(prompts))
     timesteps = flow_schedule(settings.num_steps, settings.shift)
-    images = []
     batches = list(iter_batches(len(expanded), settings.batch_size))
+    rounds = -(-len(batches) // processes.world_size)
+    gathered: list[Tensor] = []
+
+    def sample(index: int, batch: slice) -> Tensor:
+        texts = [p.text for p in expanded[batch]]
+        cond = policy.encode(texts)
+        uncond = policy.encode([""] * len(texts)) if settings.guidance_scale != 1.0 else None
+        traj = rollout(
+            policy, sampler, cond, noise[batch], timesteps, guidance_scale=settings.guidance_scale, uncond=uncond,
+            generator=generator(benchmark.eval_seed, "eval-sampler", index),
+        )  # fmt: skip
+        return policy.decode(traj.x0)
+
+    bar = tqdm(
+        total=len(batches), desc=f"eval {benchmark.name}", unit="batch", disable=not progress or not processes.is_main
+    )
     with torch.no_grad(), policy.use_weights(settings.weights):
-        for index, batch in enumerate(tqdm(batches, desc=f"eval {benchmark.name}", unit="batch", disable=not progress)):
-            texts = [p.text for p in expanded[batch]]
-            cond = policy.encode(texts)
-            uncond = policy.encode([""] * len(texts)) if settings.guidance_scale != 1.0 else None
-            traj = rollout(
-                policy, sampler, cond, noise[batch], timesteps, guidance_scale=settings.guidance_scale, uncond=uncond,
-                generator=generator(benchmark.eval_seed, "eval-sampler", index),
-            )  # fmt: skip
-            images.append(policy.decode(traj.x0))
-    all_images = torch.cat(images)
-    return EvalOutput(benchmark.evaluate(all_images, expanded), all_images, expanded)
+        for round_index in range(rounds):
+            index = round_index * processes.world_size + processes.rank
+            filler = index >= len(batches)  # the same passes as a real batch, nothing kept
+            images = sample(0, slice(0, 1))[:0] if filler else sample(index, batches[index])
+            parts = processes.gather_on_main(images)
+            if parts is not None:
+                gathered.extend(parts)
+            bar.update(min(processes.world_size, len(batches) - round_index * processes.world_size))
+    bar.close()
+    scores = None
+    all_images = None
+    if processes.is_main:
+        all_images = torch.cat(gathered)
+        scores = benchmark.evaluate(all_images, expanded)
+    return EvalOutput(processes.broadcast_from_main(scores), all_images, expanded)

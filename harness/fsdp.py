@@ -14,8 +14,8 @@ What changes under FSDP, against plain data parallelism (:mod:`harness.distribut
   all-reduce (``Processes.average_gradients``) is skipped; parameters, gradients, the optimizer
   moments and the EMA are DTensor shards, and their element-wise updates act on the shards;
 * every forward pass all-gathers a unit's parameters, so every process must run the same passes:
-  evaluation runs on every process (the main one records it), and only methods whose passes do
-  not depend on the data are allowed (:data:`FSDP_METHODS`);
+  evaluation deals every process the same number of batches, and a method whose training subset
+  depends on the rewards pads its micro-batches with filler passes (:data:`FSDP_METHODS`);
 * checkpoints hold full tensors, gathered on every process (:func:`full_tensors`) and written by
   the main one, so a checkpoint saved under FSDP loads in one process and vice versa
   (:func:`local_like` cuts a full tensor back to this process's shard).
@@ -31,11 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-# Methods whose forward/backward passes per process depend only on the batch geometry (equal shares),
-# never on the rewards. Others (FlowGRPO drops zero-std groups, RAFT keeps the top-k) can give two
-# processes different pass counts, and an FSDP all-gather would then wait forever. Add a method here
-# only with a test like tests/harness/test_fsdp.py.
-FSDP_METHODS = frozenset({"diffusion_nft"})
+# Methods that run the same passes on every process. Every forward all-gathers shards, so a method
+# that trains on a data-dependent subset (FlowGRPO's non-zero-std groups, RAFT's best, online DPO's
+# untied pairs) pads its micro-batches with fillers (``methods.base.micro_batches``). Add a method
+# here only with a test like tests/harness/test_fsdp.py.
+FSDP_METHODS = frozenset({"awm", "diffusion_nft", "draft", "flow_grpo", "flow_grpo_fast", "online_dpo", "raft", "rwr"})
 
 # Environment variables accelerate launch sets from fsdp_config → (refused value test, the key to change).
 UNSUPPORTED: dict[str, tuple[Callable[[str], bool], str]] = {
@@ -79,8 +79,8 @@ def check_method(method_name: str) -> None:
     if method_name not in FSDP_METHODS:
         raise ValueError(
             f"method {method_name!r} is not supported under FSDP (supported: {', '.join(sorted(FSDP_METHODS))}): "
-            "its forward passes per process can depend on the rewards, and FSDP needs the same passes on every "
-            "process; launch it data-parallel (harness/launch/8gpu.yaml) instead"
+            "FSDP needs the same passes on every process and the method has not been checked for it; launch it "
+            "data-parallel (harness/launch/8gpu.yaml) instead"
         )
 
 

@@ -7,10 +7,10 @@ same seed see the same training prompts and the same eval images' noise.
 
 With several processes (``accelerate launch``; :mod:`harness.distributed`) each samples and
 scores its share of the batch, the rewards are gathered, gradients averaged before every
-optimizer step, compute counters summed over the processes; the main process evaluates and
-checkpoints while the others wait at the next gather. Under FSDP (:mod:`harness.fsdp`) the policy
-is sharded first, FSDP's backward averages the gradients, and every process evaluates (each
-forward gathers shards) and gathers each checkpoint, which the main process writes.
+optimizer step, compute counters summed over the processes; every process samples its share of
+each evaluation, which the main process scores and records, and the main process checkpoints.
+Under FSDP (:mod:`harness.fsdp`) the policy is sharded first, FSDP's backward averages the
+gradients, and every process gathers each checkpoint, which the main process writes.
 
 With a checkpoint path the loop is resumable: it saves θ, θ_old, the optimizer, the EMA, the
 ledger, the prompt generator and its logs atomically after every evaluation and every
@@ -185,14 +185,14 @@ def train(
     the one it was written with). ``initial_scores``: the eval scores of the untrained model when
     already known (they do not depend on the method or the seed), so iteration 0 is not re-sampled.
     ``on_eval`` receives each evaluation row and its images (None for ``initial_scores``).
-    ``processes``: this process's place in a data-parallel launch (evaluations, callbacks and
-    checkpoint writes happen on the main process only). Under FSDP ``policy`` is sharded in place.
+    ``processes``: this process's place in a data-parallel launch (every process samples its share of
+    each evaluation; scoring, callbacks and checkpoint writes happen on the main process). Under FSDP ``policy`` is sharded in place.
     """
     share = check_geometry(method_name, reward, loop, processes)
     reuse_base = initial_scores is not None
     if processes.fsdp:
         shard_policy(policy, processes.device, processes.world_size, processes.reshard_after_forward)
-        # Only the main process learns the base scores (on_eval): all follow its choice, to run the same passes.
+    if processes.world_size > 1:  # only the main process learns the base scores (on_eval): all follow it
         reuse_base = processes.max([float(reuse_base)])[0] > 0
     torch.manual_seed(loop.seed)
     ledger = Ledger()
@@ -223,23 +223,19 @@ def train(
     def evaluate(iteration: int, point: int | None) -> None:
         output: EvalOutput | None = None
         if iteration == 0 and reuse_base:
-            if not processes.is_main:  # FSDP: the main process reuses the base scores, no passes to join
+            if not processes.is_main:  # the main process reuses the base scores: no passes to join
                 return
             if initial_scores is None:
                 raise RuntimeError("initial_scores were given to another process but not to the main one")
-            scores = initial_scores
+            scores, counters = initial_scores, totals
         else:
             with ledger.phase("eval"), optim.ema.applied():
-                output = evaluate_policy(counted, benchmark, eval_sampler, loop.eval, progress=False)
-            scores = output.scores
-            if not processes.is_main:  # FSDP: the other processes only joined the forward passes
+                output = evaluate_policy(
+                    counted, benchmark, eval_sampler, loop.eval, progress=False, processes=processes
+                )
+            scores, counters = output.scores, summed_ledger(ledger, processes)  # every process's eval share
+            if not processes.is_main:  # the others only sampled their share
                 return
-        counters = totals
-        if processes.world_size > 1:  # only this (main) process evaluates: its eval counters are the total
-            counters = dataclasses.replace(
-                totals, **{name: {**getattr(totals, name), "eval": getattr(ledger, name)["eval"]}
-                           for name in ("forward", "backward", "images", "seconds")},
-            )  # fmt: skip
         row: dict[str, Any] = {"seed": loop.seed, "iteration": iteration, "optimizer_steps": optim.global_step}
         if budget is not None:  # eval point k ≥ 1 is the k-th budget fraction; 0 the untrained model
             if iteration == 0:
@@ -258,7 +254,7 @@ def train(
         if on_eval is not None:
             on_eval(row, output)
 
-    if state.iteration == 0 and not state.evaluations and loop.evaluate and processes.evaluates:
+    if state.iteration == 0 and not state.evaluations and loop.evaluate:
         evaluate(0, None)
         save()
     bar = tqdm(
@@ -266,6 +262,10 @@ def train(
         desc=label or method_name, unit=budget.unit if budget else "it", disable=not progress or not processes.is_main,
         dynamic_ncols=True,
     )  # fmt: skip
+
+    def most_over_processes(n: int) -> int:  # FSDP: every process runs the most micro-batches any one has
+        return int(processes.max([n])[0])
+
     finished = state.iteration >= loop.iterations or (budget is not None and budget.done(totals, state.iteration))
     batch_index = torch.arange(loop.prompts_per_iteration * loop.images_per_prompt)[share]
     while not finished:
@@ -284,7 +284,8 @@ def train(
             rewards = check_scores(reward.spec.name, reward(images, expanded[share]), len(batch_index))
             rewards = processes.gather(rewards)  # the whole batch's, for per-prompt statistics
         if processes.world_size > 1:
-            rollout = dataclasses.replace(rollout, batch_group_ids=group_ids, batch_index=batch_index)
+            rollout = dataclasses.replace(rollout, batch_group_ids=group_ids, batch_index=batch_index,
+                                          equal_passes=most_over_processes if processes.fsdp else None)  # fmt: skip
         with ledger.phase("training"):
             logs = method.update(rollout, rewards, generator(loop.seed, "update", iteration, *rank_keys))
         totals = summed_ledger(ledger, processes)
@@ -306,8 +307,7 @@ def train(
             point, state.next_eval_point = state.next_eval_point, state.next_eval_point + 1
         due = finished or point is not None or (loop.eval_every and iteration % loop.eval_every == 0)
         if due and loop.evaluate:
-            if processes.evaluates:
-                evaluate(iteration, point)
+            evaluate(iteration, point)
             save()
         elif finished or iteration % loop.checkpoint_every == 0:
             save()

@@ -12,7 +12,7 @@ class implementing this protocol.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -43,6 +43,8 @@ class Rollout:
     trajectory: Trajectory | None = None
     batch_group_ids: Tensor | None = None  # (N,) every process's group ids, in batch order (None: one process)
     batch_index: Tensor | None = None  # (B,) positions of this rollout's samples in that batch
+    # Under FSDP every process must run the same passes: the most micro-batches any process has (a collective)
+    equal_passes: Callable[[int], int] | None = None
 
     @property
     def all_group_ids(self) -> Tensor:
@@ -80,6 +82,29 @@ def optimizer_chunks(indices: Tensor, steps: int, generator: torch.Generator, *,
         indices = indices[torch.randperm(len(indices), generator=generator)]
     chunks = [indices[s] for s in iter_batches(len(indices), max(1, -(-len(indices) // steps)))]
     return chunks + [indices[:0]] * (steps - len(chunks)) if pad else chunks
+
+
+FILLER = torch.tensor([0])  # the local sample a filler pass computes on (its loss is scaled by 0)
+
+
+def micro_batches(rollout: Rollout, chunk: Tensor, batch_size: int) -> list[Tensor | None]:
+    """The micro-batches (sample indices) of one optimizer step's ``chunk``, in order.
+
+    Where every process must run the same passes (FSDP: each forward all-gathers parameters), the list
+    is padded with ``None`` to the most micro-batches any process has, since a method that keeps only
+    some samples (FlowGRPO's non-zero-std groups, RAFT's best) can leave one process fewer. The
+    caller runs each ``None`` as a filler: the same passes on :data:`FILLER` with its loss scaled by
+    0 and a throwaway generator, left out of its logs. The compute meter counts filler passes.
+    """
+    batches = [chunk[b] for b in iter_batches(len(chunk), batch_size)]
+    if rollout.equal_passes is None:
+        return batches
+    return batches + [None] * (rollout.equal_passes(len(batches)) - len(batches))
+
+
+def filler_generator() -> torch.Generator:
+    """The random draws of a filler pass, kept apart so that the real passes' draws do not depend on fillers."""
+    return torch.Generator().manual_seed(0)
 
 
 class Method(Protocol):

@@ -30,10 +30,10 @@ from torch import Tensor
 from benchmarks.base import Prompt
 from harness.advantages import StdMode, group_advantages, zero_std_groups
 from harness.optim import Optimization
-from harness.policy import Policy, guided_velocity, iter_batches
+from harness.policy import Policy, guided_velocity
 from harness.rollout import rollout
 from harness.samplers import FlowSDE, flow_schedule, flow_sde_step
-from methods.base import Rollout, optimizer_chunks
+from methods.base import FILLER, Rollout, micro_batches, optimizer_chunks
 
 __all__ = ["FlowGRPO", "FlowGRPOConfig", "flow_sde_step", "gaussian_kl_mean", "grpo_loss", "optimizer_chunks"]
 
@@ -148,17 +148,17 @@ class FlowGRPO:
         stats = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         first_check = cfg.check_on_policy
         for chunk in chunks:
-            batches = list(iter_batches(len(chunk), cfg.train_batch_size))
-            passes = len(batches) * n_train
+            batches = micro_batches(rollout, chunk, cfg.train_batch_size)
+            passes = n_train * sum(batch is not None for batch in batches)
             for j in range(n_train):
                 for batch in batches:
-                    sel = chunk[batch]
+                    sel = FILLER if batch is None else batch
                     cond = rollout.cond[sel]
                     uncond = self._uncond(len(sel))
                     log_prob, mean, std_dev_t = self._step_terms(trajectory.latents, sel, j, cond, uncond)
                     old_log_prob = trajectory.log_probs[sel, j]
                     ratio = torch.exp(log_prob.detach() - old_log_prob)
-                    if first_check:
+                    if first_check and batch is not None:
                         if not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5):
                             raise AssertionError(
                                 f"on-policy check: first ratio deviates from 1 by {(ratio - 1).abs().max():.2e}"
@@ -172,7 +172,9 @@ class FlowGRPO:
                     loss = grpo_loss(
                         log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef
                     )
-                    self.optim.backward(loss, scale=1.0 / passes)
+                    self.optim.backward(loss, scale=0.0 if batch is None else 1.0 / passes)
+                    if batch is None:  # a filler pass (micro_batches): the same passes, nothing learned or logged
+                        continue
                     stats["policy_loss"] += (
                         loss.item() - (cfg.kl_coef * kl.mean().item() if kl is not None else 0.0)
                     ) / passes

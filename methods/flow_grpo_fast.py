@@ -42,7 +42,7 @@ from harness.optim import Optimization
 from harness.policy import Cond, Policy, guided_velocity, iter_batches
 from harness.rollout import Trajectory
 from harness.samplers import CPS, EulerODE, flow_schedule, flow_sde_step
-from methods.base import Rollout, optimizer_chunks
+from methods.base import FILLER, Rollout, micro_batches, optimizer_chunks
 from methods.flow_grpo import gaussian_kl_mean, grpo_loss
 
 
@@ -209,11 +209,11 @@ class FlowGRPOFast:
         n_train = trajectory.log_probs.shape[1]
         stats = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
         for chunk in chunks:
-            batches = list(iter_batches(len(chunk), cfg.train_batch_size))
-            passes = len(batches) * n_train
+            batches = micro_batches(rollout, chunk, cfg.train_batch_size)
+            passes = n_train * sum(batch is not None for batch in batches)
             for j in range(n_train):
                 for batch in batches:
-                    sel = chunk[batch]
+                    sel = FILLER if batch is None else batch
                     cond = rollout.cond[sel]
                     log_prob, mean, sigma = self._step_terms(trajectory, sel, j, cond)
                     old_log_prob = trajectory.log_probs[sel, j]
@@ -224,7 +224,9 @@ class FlowGRPOFast:
                         kl = gaussian_kl_mean(mean, mean_ref, sigma)
                     loss = grpo_loss(log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl,
                                      kl_coef=cfg.kl_coef)  # fmt: skip
-                    self.optim.backward(loss, scale=1.0 / passes)
+                    self.optim.backward(loss, scale=0.0 if batch is None else 1.0 / passes)
+                    if batch is None:  # a filler pass (micro_batches): the same passes, nothing learned or logged
+                        continue
                     ratio = torch.exp(log_prob.detach() - old_log_prob)
                     scale = 1.0 / passes / len(chunks)
                     kl_value = kl.mean().item() if kl is not None else 0.0

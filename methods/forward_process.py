@@ -19,10 +19,10 @@ from torch import Tensor
 
 from benchmarks.base import Prompt
 from harness.optim import Optimization
-from harness.policy import Policy, WeightSet, iter_batches
+from harness.policy import Policy, WeightSet
 from harness.rollout import rollout
 from harness.samplers import SAMPLERS, Sampler, flow_schedule, make_sampler
-from methods.base import Rollout, optimizer_chunks
+from methods.base import FILLER, Rollout, filler_generator, micro_batches, optimizer_chunks
 
 
 def noised(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -132,17 +132,19 @@ def train_weighted_flow_matching(
     chunks = optimizer_chunks(torch.arange(len(indices)), optimizer_steps, generator, pad=rollout_.shared)
     logs = {"train/loss": 0.0, "train/fm_error": 0.0}
     for chunk in chunks:
-        batches = list(iter_batches(len(chunk), train_batch_size))
+        batches = micro_batches(rollout_, chunk, train_batch_size)
         for _ in range(draws_per_sample):
-            for batch in batches:
-                local = chunk[batch]
-                sel = indices[local]
+            for local in batches:
+                filler = local is None  # (micro_batches): the same passes, nothing learned or logged
+                sel = FILLER if filler else indices[local]
+                draws_from = filler_generator() if filler else generator
                 x0 = rollout_.x0[sel]
-                t = logit_normal_times(len(sel), generator, shift)
-                noise = torch.randn(x0.shape, generator=generator)
+                t = logit_normal_times(len(sel), draws_from, shift)
+                noise = torch.randn(x0.shape, generator=draws_from)
                 v_theta = policy.velocity(noised(x0, noise, t), t, rollout_.cond[sel])
-                loss = weighted_flow_matching_loss(v_theta, x0, noise, weights[local])
-                share = len(sel) / (len(chunk) * draws_per_sample)  # this batch's part of the step's mean
+                loss = weighted_flow_matching_loss(v_theta, x0, noise, torch.zeros(1) if filler else weights[local])
+                # this batch's part of the step's mean (a filler's: none)
+                share = 0.0 if filler else len(sel) / (len(chunk) * draws_per_sample)
                 optim.backward(loss, scale=share)
                 logs["train/loss"] += loss.item() * share / len(chunks)
                 error = flow_matching_error(v_theta.detach(), x0, noise).mean().item()

@@ -40,9 +40,9 @@ from torch import Tensor
 
 from benchmarks.base import Prompt
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, iter_batches
+from harness.policy import Cond, Policy
 from harness.samplers import flow_schedule
-from methods.base import Rollout, optimizer_chunks
+from methods.base import FILLER, Rollout, filler_generator, micro_batches, optimizer_chunks
 from methods.forward_process import (
     collect_clean,
     crossed_multiple,
@@ -157,14 +157,18 @@ class OnlineDPO:
         stats = {"loss": 0.0, "implicit_acc": 0.0, "w_diff": 0.0, "l_diff": 0.0}
         step_before = self.optim.global_step
         for chunk in chunks:
-            batches = list(iter_batches(len(chunk), cfg.train_batch_size))
-            passes = len(batches) * draws
+            batches = micro_batches(rollout, chunk, cfg.train_batch_size)
+            passes = draws * sum(batch is not None for batch in batches)
             for _ in range(draws):
                 for batch in batches:
-                    w, l_ = winners[chunk[batch]], losers[chunk[batch]]
-                    errs = self._pair_errors(rollout.x0[w], rollout.x0[l_], rollout.cond[w], generator)
+                    filler = batch is None  # (micro_batches): the same passes, nothing learned or logged
+                    w, l_ = (FILLER, FILLER) if filler else (winners[batch], losers[batch])
+                    draws_from = filler_generator() if filler else generator
+                    errs = self._pair_errors(rollout.x0[w], rollout.x0[l_], rollout.cond[w], draws_from)
                     loss = dpo_loss(*errs, beta=cfg.beta)
-                    self.optim.backward(loss, scale=1.0 / passes)
+                    self.optim.backward(loss, scale=0.0 if filler else 1.0 / passes)
+                    if filler:
+                        continue
                     w_diff, l_diff = (errs[0] - errs[2]).detach(), (errs[1] - errs[3]).detach()
                     scale = 1.0 / passes / len(chunks)
                     stats["loss"] += loss.item() * scale

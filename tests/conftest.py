@@ -10,9 +10,17 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(2)
+THREADS = 2  # also in the worker processes that import this module: their numbers match the tests'
+torch.set_num_threads(THREADS)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def fixed_threads():
+    """Every test starts with THREADS torch threads (commands under test, e.g. pretraining, set their own)."""
+    torch.set_num_threads(THREADS)
+    yield
 
 
 @pytest.fixture

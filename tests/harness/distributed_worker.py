@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,10 +16,12 @@ import torch
 from benchmarks.base import Prompt
 from benchmarks.shapes.benchmark import ShapesBenchmark
 from harness.advantages import group_advantages, zero_std_groups
+from harness.compute import CountingPolicy, Ledger
 from harness.distributed import from_environment
-from harness.evaluate import EvalSettings
+from harness.evaluate import EvalSettings, evaluate_policy
 from harness.optim import OptimConfig
 from harness.policy import Cond
+from harness.samplers import make_sampler
 from harness.trainer import LoopConfig, train
 from methods import METHODS
 from methods.base import Rollout
@@ -33,6 +36,10 @@ REWARDS = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.7, 0.2, 0.6, 0.4, 0.4, 0.4, 0
 GROUP_IDS = torch.arange(3).repeat_interleave(4)
 FEATURES = torch.linspace(-1, 1, 36).reshape(12, 3)
 TARGETS = torch.linspace(0, 2, 12)
+# 6 eval images in batches of 2 with a stochastic sampler: process 0 samples batches 0 and 2, process 1
+# batch 1 and a filler in the last round.
+EVAL_SETTINGS = EvalSettings(num_steps=2, batch_size=2)
+EVAL_BENCHMARK = partial(ShapesBenchmark, prompts_per_task=1, images_per_prompt=1)
 END_TO_END = {"diffusion_nft": {"num_steps": 3}, "raft": {"num_steps": 3}, "online_dpo": {"num_steps": 3},
               "flow_grpo": {"num_steps": 3, "rollout_cfg": 1.0, "train_cfg": 1.0}}  # fmt: skip
 
@@ -85,6 +92,21 @@ def end_to_end(processes, name: str) -> dict[str, object]:
     }
 
 
+def sharded_evaluation(processes) -> dict[str, object]:
+    """One evaluation split over the processes; the main process reports the gathered images."""
+    policy, ledger = make_tiny_policy(seed=0), Ledger()
+    counted = CountingPolicy(policy, ledger)
+    with ledger.phase("eval"):
+        output = evaluate_policy(counted, EVAL_BENCHMARK(), make_sampler("flow_sde"), EVAL_SETTINGS, progress=False,
+                                 processes=processes)  # fmt: skip
+    return {
+        "scores": output.scores,
+        "images": None if output.images is None else output.images.tolist(),
+        "forward": ledger.forward["eval"],
+        "images_decoded": ledger.images["eval"],
+    }
+
+
 def main(out: Path) -> None:
     processes = from_environment()
     report = {
@@ -94,8 +116,10 @@ def main(out: Path) -> None:
         "gradient": averaged_gradient(processes),
         "end_to_end": {name: end_to_end(processes, name) for name in END_TO_END},
         "seed_keys": list(processes.seed_keys),
+        "evaluation": sharded_evaluation(processes),
     }
     (out / f"rank{processes.rank}.json").write_text(json.dumps(report))
+    processes.close()
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
+from benchmarks.base import Prompt
 from benchmarks.gpu.sd3_check import Brightness, FixedPrompts
 from benchmarks.shapes.benchmark import ShapesBenchmark
 from harness.distributed import Processes, from_environment
@@ -25,7 +28,9 @@ from harness.policies.flux import FluxLoRAConfig, FluxPolicy, FluxPolicyConfig
 from harness.policies.sd3 import SD3LoRAConfig, SD3Policy, SD3PolicyConfig
 from harness.policy import Policy
 from harness.trainer import LoopConfig, train
+from methods import METHODS
 from methods.diffusion_nft import DiffusionNFTConfig
+from rewards.base import RewardSpec
 from rewards.shapes import ShapesGenEval
 from tests.conftest import make_tiny_policy
 
@@ -121,6 +126,54 @@ def end_to_end(processes: Processes, iterations: int, checkpoint: Path | None) -
     }
 
 
+class GatedBrightness:
+    """Mean pixel value, but a constant 0.5 for the first prompt: its group has zero std (FlowGRPO drops it,
+    online DPO with ``drop_tied_groups`` too), so the processes keep different numbers of samples."""
+
+    spec = RewardSpec(name="gated_brightness", version="0", description="test reward", differentiable=True)
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[Prompt]) -> torch.Tensor:
+        scores = images.mean(dim=(1, 2, 3)).float()
+        constant = torch.tensor([p.text == PROMPTS[0] for p in prompts])
+        return torch.where(constant, torch.full_like(scores, 0.5), scores).cpu()
+
+
+class FirstPrompts(FixedPrompts):
+    """Each iteration's training prompts are the first n, in order: the first (constant-reward) group sits on
+    process 0 alone."""
+
+    def train_prompts(self, n: int, rng: np.random.Generator) -> list[Prompt]:
+        return [Prompt(text) for text in self.prompts[:n]]
+
+
+# Every method with micro-batches of one sample, so that a process keeping fewer samples runs fewer passes
+# unless padded with fillers. 3 prompts x 4 images (online DPO: 2 x 4, whole groups per process).
+METHOD_RUNS: dict[str, tuple[dict[str, object], int]] = {
+    "flow_grpo": ({"num_steps": 2, "train_batch_size": 1, "rollout_cfg": 1.0, "train_cfg": 1.0}, 3),
+    "flow_grpo_fast": ({"num_steps": 4, "train_batch_size": 1, "sde_window_size": 1, "sde_window_range": (0, 2)}, 3),
+    "raft": ({"num_steps": 2, "train_batch_size": 1}, 3),
+    "rwr": ({"num_steps": 2, "train_batch_size": 1}, 3),
+    "awm": ({"num_steps": 3, "train_batch_size": 1, "train_timesteps": 1}, 3),
+    "online_dpo": ({"num_steps": 2, "train_batch_size": 1, "guidance_scale": 1.0, "drop_tied_groups": True}, 2),
+    "draft": ({"num_steps": 2, "train_batch_size": 1}, 3),
+}
+
+
+def method_run(processes: Processes, name: str) -> dict[str, object]:
+    """Two iterations of ``name`` through the shared loop on the tiny DiT, no evaluation."""
+    config, prompts = METHOD_RUNS[name]
+    policy = make_tiny_policy(seed=0, depth=DEPTH)
+    loop = LoopConfig(iterations=2, evaluate=False, prompts_per_iteration=prompts, images_per_prompt=4)
+    bench = FirstPrompts(name="tiny", prompts=tuple(PROMPTS[:3]))
+    result = train(name, METHODS.get(name).Config(**config), policy, bench, GatedBrightness(), loop,
+                   OptimConfig(lr=1e-3), progress=False, processes=processes)  # fmt: skip
+    return {
+        "logs": [{k: v for k, v in row.items() if k.startswith("train/")} for row in result.iterations],
+        "training_fwd": processes.sum([result.ledger.forward["training"]])[0],
+        "weights": full_tensors(policy.weight_state("train")),
+    }
+
+
 def main(out: Path, sd3_pipeline: Path, flux_pipeline: Path) -> None:
     fsdp = from_environment()
     replicated = dataclasses.replace(fsdp, fsdp=False)
@@ -132,6 +185,7 @@ def main(out: Path, sd3_pipeline: Path, flux_pipeline: Path) -> None:
         "sd3_one_step": {name: one_step(p, load_sd3(sd3_pipeline), SD3_PROMPTS) for name, p in runs.items()},
         "sd3_end_to_end": {name: sd3_end_to_end(p, sd3_pipeline, out) for name, p in runs.items()},
         "flux_one_step": {name: one_step(p, load_flux(flux_pipeline), SD3_PROMPTS) for name, p in runs.items()},
+        "methods": {name: {tag: method_run(p, name) for tag, p in runs.items()} for name in METHOD_RUNS},
         "end_to_end": {
             "fsdp": end_to_end(fsdp, 2, out / "fsdp.pt"),
             "dp": end_to_end(replicated, 2, None),
@@ -140,6 +194,7 @@ def main(out: Path, sd3_pipeline: Path, flux_pipeline: Path) -> None:
         },
     }
     torch.save(report, out / f"rank{fsdp.rank}.pt")
+    fsdp.close()
 
 
 if __name__ == "__main__":

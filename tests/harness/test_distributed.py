@@ -15,9 +15,12 @@ import yaml
 
 from benchmarks.base import Prompt
 from harness.advantages import group_advantages, zero_std_groups
+from harness.compute import CountingPolicy, Ledger
 from harness.distributed import SINGLE, Processes
+from harness.evaluate import evaluate_policy
 from harness.optim import OptimConfig
 from harness.policy import Cond
+from harness.samplers import make_sampler
 from harness.store import read_results
 from harness.trainer import LoopConfig, check_geometry, train
 from methods.base import Rollout, optimizer_chunks
@@ -27,6 +30,7 @@ from methods.rwr import group_softmax_weights
 from rewards.base import WeightedReward
 from rewards.normalize import RunningMeanStd
 from rewards.shapes import ShapesGenEval
+from tests.conftest import make_tiny_policy
 from tests.harness import distributed_worker as worker
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,7 +94,7 @@ def test_training_keeps_the_processes_in_step(two_process_reports, tiny_policy):
         a, b = first[name], second[name]
         assert a["weights_sum"] == b["weights_sum"] and a["weights_abs_sum"] == b["weights_abs_sum"], name
         assert a["reward_means"] == b["reward_means"] and a["fwd_equiv"] == b["fwd_equiv"], name
-        assert (a["evaluations"], b["evaluations"]) == (2, 0), name  # the main process evaluates
+        assert (a["evaluations"], b["evaluations"]) == (2, 0), name  # all sample, the main process records
     assert [r["seed_keys"] for r in two_process_reports] == [["rank0"], ["rank1"]]
     # A group's statistics can leave one process nothing to train (FlowGRPO drops zero-std groups): it
     # still joins every optimizer step, or the other would wait forever. The counters are summed.
@@ -101,6 +105,20 @@ def test_training_keeps_the_processes_in_step(two_process_reports, tiny_policy):
     alone = train("diffusion_nft", DiffusionNFTConfig(num_steps=3), tiny_policy, bench, ShapesGenEval(), loop,
                   OptimConfig(lr=1e-3), progress=False)  # fmt: skip
     assert [row["compute/fwd_equiv"] for row in alone.iterations] == first["diffusion_nft"]["fwd_equiv"]
+
+
+def test_sharded_evaluation_equals_one_process(two_process_reports):
+    policy, ledger = make_tiny_policy(seed=0), Ledger()
+    with ledger.phase("eval"):
+        alone = evaluate_policy(CountingPolicy(policy, ledger), worker.EVAL_BENCHMARK(), make_sampler("flow_sde"),
+                                worker.EVAL_SETTINGS, progress=False)  # fmt: skip
+    main, other = (report["evaluation"] for report in two_process_reports)
+    assert main["images"] == alone.images.tolist() and other["images"] is None  # gathered on the main process
+    assert main["scores"] == other["scores"] == alone.scores
+    # Process 0 sampled batches 0 and 2 (4 images), process 1 batch 1 and a one-image filler, so both made
+    # two 2-step rollouts; the counters (per sample) hold every pass, the filler's included.
+    assert ledger.forward["eval"] == 6 * 2 and (main["forward"], other["forward"]) == (4 * 2, 3 * 2)
+    assert (main["images_decoded"], other["images_decoded"]) == (4, 3)
 
 
 def test_batch_geometry_is_checked_before_any_compute():

@@ -18,7 +18,7 @@ import yaml
 
 from benchmarks.gpu.sd3_check import Brightness, FixedPrompts
 from harness.distributed import SINGLE, Processes
-from harness.fsdp import requested, shard_policy
+from harness.fsdp import check_method, requested, shard_policy
 from harness.optim import OptimConfig
 from harness.store import read_results
 from harness.trainer import LoopConfig, check_geometry, train
@@ -113,6 +113,24 @@ def test_training_under_fsdp_equals_data_parallel_and_resumes(launch):
     assert_close(first["weights"], second["weights"])
 
 
+@pytest.mark.parametrize("name", sorted(worker.METHOD_RUNS))
+def test_every_method_under_fsdp_equals_data_parallel(launch, name):
+    _, reports = launch
+    for report in reports:
+        sharded, replicated = report["methods"][name]["fsdp"], report["methods"][name]["dp"]
+        assert len(sharded["logs"]) == len(replicated["logs"]) == 2
+        for got, expected in zip(sharded["logs"], replicated["logs"], strict=True):
+            assert got == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert_close(sharded["weights"], replicated["weights"])
+        assert not torch.equal(sharded["weights"]["final.weight"], make_tiny_policy(0, worker.DEPTH).model.final.weight)
+    fillers = {
+        name: runs["fsdp"]["training_fwd"] - runs["dp"]["training_fwd"] for name, runs in reports[0]["methods"].items()
+    }
+    # Where the processes keep different numbers of samples, FSDP padded the lighter one with filler passes
+    # (counted); where they always keep equal shares, nothing was added.
+    assert fillers[name] > 0 if name in ("flow_grpo", "flow_grpo_fast", "raft", "online_dpo") else fillers[name] == 0
+
+
 def test_checkpoint_saved_under_fsdp_loads_in_one_process(launch, tmp_path):
     out, reports = launch
     checkpoint = tmp_path / "checkpoint.pt"
@@ -164,9 +182,9 @@ def test_sd3_lora_training_under_fsdp_checkpoints_and_saves_the_lora(launch, sd3
 
 def test_unsupported_fsdp_settings_are_refused_before_any_compute(monkeypatch):
     loop = LoopConfig(prompts_per_iteration=2, images_per_prompt=2)
-    check_geometry("diffusion_nft", ShapesGenEval(), loop, FSDP_TWO)
-    with pytest.raises(ValueError, match="'flow_grpo' is not supported under FSDP"):
-        check_geometry("flow_grpo", ShapesGenEval(), loop, FSDP_TWO)
+    check_geometry("flow_grpo", ShapesGenEval(), loop, FSDP_TWO)
+    with pytest.raises(ValueError, match="'my_method' is not supported under FSDP"):
+        check_method("my_method")  # a method not checked for equal passes
     with pytest.raises(TypeError, match="cannot be sharded with FSDP"):
         shard_policy(object(), torch.device("cpu"), 2, True)
     with pytest.raises(ValueError, match="parameters are on \\['cpu'\\] but this launch communicates on 'cuda'"):
