@@ -97,9 +97,17 @@ def evaluate_policy(
                 gathered.extend(parts)
             bar.update(min(processes.world_size, len(batches) - round_index * processes.world_size))
     bar.close()
-    scores = None
-    all_images = None
+    all_images = torch.cat(gathered) if processes.is_main else None
+    scores: dict[str, float] | None = None
+    failure: BaseException | None = None
     if processes.is_main:
-        all_images = torch.cat(gathered)
-        scores = benchmark.evaluate(all_images, expanded)
-    return EvalOutput(processes.broadcast_from_main(scores), all_images, expanded)
+        try:
+            scores = benchmark.evaluate(all_images, expanded)
+        except Exception as error:  # shared first, so that the other processes stop too instead of waiting
+            failure = error
+    shared = processes.broadcast_from_main(scores if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if isinstance(shared, str):
+        raise RuntimeError(f"the main process failed to score the evaluation ({shared})")
+    return EvalOutput(shared, all_images, expanded)

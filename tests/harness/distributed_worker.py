@@ -107,6 +107,22 @@ def sharded_evaluation(processes) -> dict[str, object]:
     }
 
 
+class FailingBenchmark(ShapesBenchmark):
+    def evaluate(self, images, prompts):
+        raise ValueError("the judge is down")
+
+
+def failed_scoring(processes) -> str:
+    """What each process raises when the main process cannot score an evaluation."""
+    bench = FailingBenchmark(prompts_per_task=1, images_per_prompt=1)
+    try:
+        evaluate_policy(make_tiny_policy(seed=0), bench, make_sampler("euler"), EVAL_SETTINGS, progress=False,
+                        processes=processes)  # fmt: skip
+    except (ValueError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "nothing raised"
+
+
 def main(out: Path) -> None:
     processes = from_environment()
     report = {
@@ -117,6 +133,7 @@ def main(out: Path) -> None:
         "end_to_end": {name: end_to_end(processes, name) for name in END_TO_END},
         "seed_keys": list(processes.seed_keys),
         "evaluation": sharded_evaluation(processes),
+        "failed_scoring": failed_scoring(processes),
     }
     (out / f"rank{processes.rank}.json").write_text(json.dumps(report))
     processes.close()

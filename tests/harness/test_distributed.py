@@ -121,6 +121,12 @@ def test_sharded_evaluation_equals_one_process(two_process_reports):
     assert (main["images_decoded"], other["images_decoded"]) == (4, 3)
 
 
+def test_a_scoring_failure_stops_every_process(two_process_reports):
+    main, other = (report["failed_scoring"] for report in two_process_reports)
+    assert main == "ValueError: the judge is down"  # the main process raises the error itself
+    assert other == "RuntimeError: the main process failed to score the evaluation (ValueError: the judge is down)"
+
+
 def test_batch_geometry_is_checked_before_any_compute():
     two = Processes(rank=1, world_size=2)
     loop = LoopConfig(prompts_per_iteration=3, images_per_prompt=4)
