@@ -99,15 +99,13 @@ def evaluate_policy(
     bar.close()
     all_images = torch.cat(gathered) if processes.is_main else None
     scores: dict[str, float] | None = None
-    failure: BaseException | None = None
     if processes.is_main:
         try:
             scores = benchmark.evaluate(all_images, expanded)
         except Exception as error:  # shared first, so that the other processes stop too instead of waiting
-            failure = error
-    shared = processes.broadcast_from_main(scores if failure is None else f"{type(failure).__name__}: {failure}")
-    if failure is not None:
-        raise failure
+            processes.broadcast_from_main(f"{type(error).__name__}: {error}")
+            raise
+    shared = processes.broadcast_from_main(scores)  # on the others, a string is the main process's error
     if isinstance(shared, str):
         raise RuntimeError(f"the main process failed to score the evaluation ({shared})")
     return EvalOutput(shared, all_images, expanded)

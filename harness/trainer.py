@@ -186,7 +186,8 @@ def train(
     already known (they do not depend on the method or the seed), so iteration 0 is not re-sampled.
     ``on_eval`` receives each evaluation row and its images (None for ``initial_scores``).
     ``processes``: this process's place in a data-parallel launch (every process samples its share of
-    each evaluation; scoring, callbacks and checkpoint writes happen on the main process). Under FSDP ``policy`` is sharded in place.
+    each evaluation; scoring, callbacks and checkpoint writes happen on the main process). Under FSDP
+    ``policy`` is sharded in place.
     """
     share = check_geometry(method_name, reward, loop, processes)
     reuse_base = initial_scores is not None
