@@ -1,5 +1,6 @@
 # The two set-up commands: `make demo` (the main job) and `make test` (the test suite).
 # Both create or reuse the virtualenv .venv in the repo and install what they need.
+# `make test` and `make lint` also check the layers with import-linter (contracts in pyproject.toml).
 
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
@@ -27,12 +28,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PYTHON) -m pytest -m "not gpu and not weights"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy harness methods/base.py rewards/base.py benchmarks/base.py
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mypy harness methods rewards/base.py benchmarks/base.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,26 +1,14 @@
-"""Prompts and the Benchmark protocol: a named prompt set with train/eval splits and its metric."""
+"""The Benchmark protocol: a named prompt set with train/eval splits and its metric."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt's text plus the metadata its rewards need (GenEval clauses, OCR target, ...)."""
-
-    text: str
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def tag(self) -> str:
-        """The task the prompt belongs to ("" when the benchmark has no tasks)."""
-        return str(self.metadata.get("tag", ""))
+from harness.types import Prompt
 
 
 @runtime_checkable

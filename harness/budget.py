@@ -9,11 +9,12 @@ reaches each fraction in ``eval_at``, so every method is evaluated at the same c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from harness.compute import Ledger
-from harness.config import ConfigError
+from harness.validation import require
 
 Unit = Literal["fwd_equiv", "flops", "wall_seconds", "images", "iterations"]
 # The result-table column that records each unit (every evaluation row records all of them).
@@ -35,13 +36,11 @@ class Budget:
     eval_at: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 
     def __post_init__(self) -> None:
-        if self.unit not in UNIT_COLUMNS:
-            raise ConfigError(f"budget.unit = {self.unit!r}; allowed: {', '.join(UNIT_COLUMNS)}")
-        if not self.amount > 0:
-            raise ConfigError(f"budget.amount must be > 0, got {self.amount}")
+        require(self.unit in UNIT_COLUMNS, "unit", self.unit, f"one of {', '.join(UNIT_COLUMNS)}")
+        require(math.isfinite(self.amount) and self.amount > 0, "amount", self.amount, "a finite number > 0")
         fractions = list(self.eval_at)
-        if any(not 0 < f <= 1 for f in fractions) or fractions != sorted(set(fractions)):
-            raise ConfigError(f"budget.eval_at must be increasing fractions in (0, 1], got {fractions}")
+        require(all(0 < f <= 1 for f in fractions) and fractions == sorted(set(fractions)), "eval_at", fractions,
+                "increasing fractions in (0, 1]")  # fmt: skip
 
     @property
     def fractions(self) -> tuple[float, ...]:

@@ -1,4 +1,10 @@
-"""The ``diffrl`` command line: list, pretrain, pretrain-reward, evaluate, train, compare, run, report, plot, table, bench."""
+"""The ``diffrl`` command line.
+
+``list``, ``pretrain``, ``pretrain-reward``; ``run`` (a suite file), with ``train`` (one method, one seed) and
+``evaluate`` (a checkpoint) as front ends over the same suite machinery; ``report``, ``plot``, ``table``;
+``serve-reward``, ``geneval``; and ``bench methods|overhead|rewards|gpu``, the one home of speed benchmarks.
+Each command is a ``cmd_<name>`` function and an ``add_<name>`` sub-parser builder.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,9 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("diffrl")
 JUDGEMENTS = ["correct", "strict", "score"]  # the values of rewards.shapes.Judgement, default first
@@ -16,6 +23,8 @@ JUDGEMENT_HELP = (
     "or FlowGRPO's partial-credit score (collapses to empty images on shapes: see the README)"
 )
 SHAPES_LR = 1e-4  # full fine-tuning of the 2M-parameter shapes model (the official 3e-4 is for LoRA on 2.5B)
+USER_ERROR = 2  # exit status of an invalid suite or invalid flags (argparse's own usage errors exit 2 too)
+Subparsers = Any  # argparse's _SubParsersAction, which it does not export
 
 
 def _registries() -> dict[str, object]:
@@ -24,6 +33,15 @@ def _registries() -> dict[str, object]:
     from rewards import REWARDS
 
     return {"methods": METHODS, "rewards": REWARDS, "benchmarks": BENCHMARKS}
+
+
+def _user_error(command: str, error: object) -> int:
+    """Report an invalid suite or invalid flags in one line (no traceback); the exit status says which."""
+    print(f"{command}: {error}", file=sys.stderr)
+    return USER_ERROR
+
+
+# --- list, pretrain, pretrain-reward -----------------------------------------------------------------------
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -37,17 +55,33 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_list(sub: Subparsers) -> None:
+    p = sub.add_parser("list", help="list registered methods, rewards or benchmarks")
+    p.add_argument("kind", choices=["methods", "rewards", "benchmarks"])
+    p.set_defaults(func=cmd_list)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from benchmarks.shapes.pretrain import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(steps=args.steps, seed=args.seed, save_every=args.save_every)
-    out = pretrain(cfg, Path(args.out))
+    steps = PretrainConfig().steps if args.steps is None else args.steps
+    out = pretrain(PretrainConfig(steps=steps, seed=args.seed, save_every=args.save_every), Path(args.out))
     print(f"wrote {out}")
     return 0
 
 
+def add_pretrain(sub: Subparsers) -> None:
+    p = sub.add_parser("pretrain", help="pretrain a benchmark's base model (deterministic)")
+    p.add_argument("benchmark", choices=["shapes"])
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the committed base's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="also save every N steps into OUT/step_N")
+    p.add_argument("--out", default="results/pretrain/shapes_base", help="checkpoint folder to write")
+    p.set_defaults(func=cmd_pretrain)
+
+
 def cmd_pretrain_reward(args: argparse.Namespace) -> int:
-    from benchmarks.shapes.train_classifier import ClassifierTrainConfig, measure_report, train_classifier
+    from harness.train_classifier import ClassifierTrainConfig, measure_report, train_classifier
 
     out = Path(args.out)
     if not args.measure_only:
@@ -65,37 +99,59 @@ def cmd_pretrain_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pretrain_reward(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "pretrain-reward", help="train the shapes world's differentiable reward (shapes_classifier; deterministic)"
+    )
+    p.add_argument("--out", default="results/pretrain/shapes_classifier", help="asset folder to write")
+    p.add_argument("--steps", dest="train_steps", metavar="N", type=int, default=None,
+                   help="optimizer steps (default: the committed asset's)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-samples", type=int, default=None, help="base-model samples mixed into training")
+    p.add_argument("--measure-only", action="store_true", help="only measure agreement of the asset at --out")
+    p.add_argument("--no-measure", action="store_true", help="skip the agreement measurement (OUT/agreement.md)")
+    p.set_defaults(func=cmd_pretrain_reward)
+
+
+# --- evaluate and train: front ends over a suite's sections and a one-variant suite -------------------------
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from benchmarks.shapes.benchmark import ShapesBenchmark
-    from benchmarks.shapes.checkpoint import load_shapes_policy
-    from harness.evaluate import EvalSettings, evaluate_policy
+    """The untrained model as every suite cell evaluates it: the suite's model loader, benchmark and eval spec."""
+    from harness.config import ConfigError, build
+    from harness.evaluate import evaluate_policy
     from harness.images import save_grid
+    from harness.runner import load_model
     from harness.samplers import make_sampler
+    from harness.suite import BenchmarkSpec, EvalSpec, make_benchmark
+    from harness.suite_model import ModelSpec, check_model
 
     scales = args.cfg or [1.0]
-    if args.steps < 1:
-        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
-    if any(scale < 1.0 for scale in scales):
-        raise SystemExit(f"--cfg must be >= 1.0 (1.0 = no guidance), got {scales}")
     if args.json and len(scales) > 1:
         raise SystemExit("--json prints one JSON object: give at most one --cfg")
-    policy = load_shapes_policy(Path(args.checkpoint) if args.checkpoint else None)
-    benchmark = ShapesBenchmark()
-    sampler = make_sampler(args.sampler)
+    try:
+        model, model_config = check_model(build(ModelSpec, {"checkpoint": args.checkpoint}, where="suite.model"))
+        spec = build(EvalSpec, {"sampler": args.sampler, "num_steps": args.steps}, where="suite.eval")
+        settings = [spec.settings(scale) for scale in scales]
+        benchmark = make_benchmark(BenchmarkSpec(name=args.benchmark))
+    except ValueError as error:  # ConfigError, or EvalSettings refusing a --cfg
+        return _user_error("diffrl evaluate", error if isinstance(error, ConfigError) else f"--cfg: {error}")
+    policy = load_model(model, model_config)
     rows = []
-    for scale in scales:
-        settings = EvalSettings(num_steps=args.steps, guidance_scale=scale)
-        output = evaluate_policy(policy, benchmark, sampler, settings, progress=not args.json)
+    for scale, setting in zip(scales, settings, strict=True):
+        output = evaluate_policy(policy, benchmark, make_sampler(spec.sampler), setting, progress=not args.json)
         scores = {k: round(v, 4) for k, v in output.scores.items()}
         rows.append({"cfg": scale, **scores})
         if args.out:
-            save_grid(
-                output.images[:: benchmark.images_per_prompt], Path(args.out) / f"samples_cfg{scale:g}.png", columns=16
-            )
+            assert output.images is not None  # one process: the main one holds the images
+            save_grid(output.images[:: benchmark.images_per_prompt], Path(args.out) / f"samples_cfg{scale:g}.png",
+                      columns=16)  # fmt: skip
         if args.json:
             print(json.dumps(scores))
         else:
-            print(f"shapes eval: {len(output.prompts)} images, {args.sampler} {args.steps} steps, cfg {scale:g}")
+            print(
+                f"{args.benchmark} eval: {len(output.prompts)} images, {args.sampler} {args.steps} steps, cfg {scale:g}"
+            )
             for key in benchmark.metrics:
                 print(f"  {key:<16} {scores[key]:.4f}")
     if args.out:
@@ -107,89 +163,106 @@ def _write_eval_tables(
     out: Path, rows: list[dict[str, float]], metrics: Sequence[str], args: argparse.Namespace
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    command = f"diffrl evaluate shapes --sampler {args.sampler} --steps {args.steps} "
+    command = f"diffrl evaluate {args.benchmark} --sampler {args.sampler} --steps {args.steps} "
     command += " ".join(f"--cfg {row['cfg']:g}" for row in rows)
     command += f" --checkpoint {args.checkpoint}" if args.checkpoint else ""
-    (out / "scores.json").write_text(
-        json.dumps(
-            {
-                "checkpoint": args.checkpoint or "committed base",
-                "sampler": args.sampler,
-                "steps": args.steps,
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    scores = {"checkpoint": args.checkpoint or "committed base", "sampler": args.sampler, "steps": args.steps,
+              "rows": rows}  # fmt: skip
+    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     header = "| cfg | " + " | ".join(metrics) + " |"
     lines = [header, "|" + "---|" * (len(metrics) + 1)]
     lines += ["| " + f"{row['cfg']:g} | " + " | ".join(f"{row[m]:.3f}" for m in metrics) + " |" for row in rows]
     (out / "scores.md").write_text("\n".join(lines) + f"\n\nMade by `{command} --out {out}`.\n")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from benchmarks.shapes.benchmark import ShapesBenchmark
-    from benchmarks.shapes.checkpoint import load_shapes_policy
-    from harness.budget import Budget
-    from harness.config import build, parse_overrides
-    from harness.distributed import from_environment
-    from harness.optim import OptimConfig
-    from harness.trainer import LoopConfig, train, write_jsonl
-    from methods import METHODS
-    from rewards import REWARDS
-    from rewards.shapes import ShapesGenEval
+def add_evaluate(sub: Subparsers) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a benchmark's held-out eval set (as suites do)")
+    p.add_argument("benchmark", choices=["shapes"])
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the committed base)")
+    p.add_argument("--sampler", default="euler", choices=["euler", "dpm2"])
+    p.add_argument("--steps", type=int, default=10, help="sampling steps")
+    p.add_argument("--cfg", type=float, action="append", help="CFG scale (1 = none); repeat to compare scales")
+    p.add_argument("--out", default=None, help="write scores.json, scores.md and sample grids into this folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object: overall and per-task scores")
+    p.set_defaults(func=cmd_evaluate)
 
-    method_cls = METHODS.get(args.method)
-    method_cfg = build(method_cls.Config, parse_overrides(args.set or []), where=args.method)
-    loop = LoopConfig(
-        iterations=args.iterations,
-        seed=args.seed,
-        eval_every=args.eval_every,
-        budget=Budget(unit="fwd_equiv", amount=args.budget, eval_at=()) if args.budget else None,
-    )
-    policy = load_shapes_policy(Path(args.checkpoint) if args.checkpoint else None)
-    reward = ShapesGenEval(judgement=args.judgement) if args.reward == "shapes_geneval" else REWARDS.get(args.reward)()
-    processes = from_environment()  # several processes under accelerate launch
-    result = train(args.method, method_cfg, policy, ShapesBenchmark(), reward, loop, OptimConfig(lr=args.lr),
-                   processes=processes)  # fmt: skip
+
+def train_suite(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags of ``diffrl train`` as a one-variant, one-seed suite (what ``diffrl run`` reads from YAML)."""
+    from harness.config import ConfigError, parse_overrides
+
+    if args.judgement != JUDGEMENTS[0] and args.reward != "shapes_geneval":
+        raise ConfigError(f"--judgement {args.judgement} configures --reward shapes_geneval, not {args.reward}")
+    if args.budget:  # forward-equivalents, with --iterations as the cap
+        budget = {"unit": "fwd_equiv", "amount": args.budget}
+    else:
+        budget = {"unit": "iterations", "amount": args.iterations}
+    return {
+        "name": f"train-{args.method}",
+        "description": f"diffrl train {args.benchmark} --method {args.method}: one variant, one seed",
+        "benchmark": {"name": args.benchmark},
+        "model": {"kind": "tiny_dit", "checkpoint": args.checkpoint},
+        "rewards": {args.reward: {"options": {"judgement": args.judgement} if args.reward == "shapes_geneval" else {}}},
+        "methods": [{"label": args.method, "method": args.method, "config": parse_overrides(args.set or [])}],
+        "seeds": [args.seed],
+        "budget": {**budget, "eval_at": args.eval_at or []},
+        "train": {"max_iterations": args.iterations, "optim": {"lr": args.lr}},
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """One method and seed through ``diffrl run``'s runner: the same loop, checkpoints, resume and result files."""
+    import yaml
+
+    from harness.config import ConfigError
+    from harness.distributed import from_environment
+    from harness.runner import cell_dir, run_suite
+    from harness.suite import validate_suite
+
+    try:
+        data = train_suite(args)
+        suite = validate_suite(data, source="diffrl train")
+    except ConfigError as error:
+        return _user_error("diffrl train", error)
+    if args.check:
+        print(yaml.safe_dump(suite.resolved(), sort_keys=False), end="")
+        return 0
+    out = Path(args.out) if args.out else Path("results") / "train" / f"{args.method}-seed{args.seed}"
+    processes = from_environment()  # several processes under accelerate launch; the main one writes
+    outcome = run_suite(suite, out, progress=not args.no_progress, processes=processes)
     processes.close()
     if not processes.is_main:
         return 0
-    for row in result.evaluations:
-        print(
-            f"iteration {row['iteration']:>4}  fwd_equiv {row['compute/fwd_equiv']:>10,}  overall {row['eval/overall']:.3f}"
-        )
-    if args.out:
-        write_jsonl(Path(args.out) / "log.jsonl", result.iterations + result.evaluations)
-    return 0
+    for cell in outcome.failed:
+        print(f"FAILED {cell.label} seed {cell.seed}: {cell.error}", file=sys.stderr)
+    print(f"wrote {cell_dir(out, args.method, args.seed)} (evals.jsonl, iterations.jsonl) and {out}/results.csv")
+    return 1 if outcome.failed else 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from harness.compare import compare
+def add_train(sub: Subparsers) -> None:
+    p = sub.add_parser("train", help="train one method from a checkpoint (a one-variant suite; resumable)")
+    p.add_argument("benchmark", choices=["shapes"])
+    p.add_argument("--method", required=True, help="a registered method (diffrl list methods)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the method's config")
+    p.add_argument("--iterations", type=int, default=20, help="iterations (the cap, with --budget)")
+    p.add_argument("--budget", type=float, default=0, help="stop once this many forward-equivalents are spent")
+    p.add_argument("--eval-at", type=float, nargs="+", metavar="FRACTION",
+                   help="also evaluate at these fractions of the budget (default: before and after training)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=SHAPES_LR, help="AdamW learning rate (full fine-tuning)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="start from this checkpoint (default: the committed base)")
+    p.add_argument("--out", default=None, help="results folder (default: results/train/METHOD-seedSEED)")
+    p.add_argument("--judgement", default="correct", choices=JUDGEMENTS, help=JUDGEMENT_HELP)
+    p.add_argument(
+        "--reward", default="shapes_geneval", help="the training reward (a registered name; draft needs a differentiable "
+        "one, e.g. shapes_classifier); the eval metric stays the shapes GenEval rules"
+    )  # fmt: skip
+    p.add_argument("--check", action="store_true", help="validate the flags and print them as a suite file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (evaluation lines stay)")
+    p.set_defaults(func=cmd_train)
 
-    table = compare(Path(args.out), args.iterations, args.lr, args.seed, args.judgement)
-    print(table.read_text())
-    return 0
 
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.perf import bench_methods, bench_overhead
-
-    if args.what == "overhead":
-        print(bench_overhead(args.suite or "shapes_quick", Path(args.out), args.threads).read_text())
-    else:
-        print(bench_methods(Path(args.out), args.iterations, args.warmup, args.threads, args.suite).read_text())
-    return 0
-
-
-def _read_results(path: str):
-    from harness.store import read_results
-
-    try:
-        return read_results(Path(path))
-    except FileNotFoundError as error:
-        raise SystemExit(str(error)) from None
+# --- run, report -----------------------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -202,8 +275,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         suite = load_suite(args.suite)
     except ConfigError as error:
-        print(f"invalid suite: {error}", file=sys.stderr)
-        return 2
+        return _user_error("invalid suite", error)
     if args.check:
         print(f"suite {suite.name!r} is valid: {len(suite.config.methods)} variants x {len(suite.config.seeds)} seeds")
         return 0
@@ -225,6 +297,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if outcome.failed else 0
 
 
+def add_run(sub: Subparsers) -> None:
+    p = sub.add_parser("run", help="run (or resume) a comparison suite; writes results/<suite>/")
+    shipped = sorted(p.stem for p in (Path(__file__).parent / "suites").glob("*.yaml"))  # harness.suite imports torch
+    p.add_argument("suite", help=f"a suite .yaml file or a built-in suite name ({', '.join(shipped)})")
+    p.add_argument("--out", default=None, help="suite folder (default: results/<suite name>)")
+    p.add_argument("--check", action="store_true", help="validate the suite (every key and value) and exit")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (evaluation lines stay)")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    folder = Path(args.folder)
+    if not (folder / "suite.yaml").is_file():
+        raise SystemExit(f"{folder} is not a suite folder written by 'diffrl run' (no suite.yaml)")
+    print(f"wrote {write_report(folder)}")
+    return 0
+
+
+def add_report(sub: Subparsers) -> None:
+    p = sub.add_parser("report", help="rebuild a suite folder's README, plots and tables")
+    p.add_argument("folder", help="a folder written by 'diffrl run' or 'diffrl train'")
+    p.set_defaults(func=cmd_report)
+
+
+# --- rewards: serve one, score a GenEval folder -------------------------------------------------------------
+
+
 def cmd_serve_reward(args: argparse.Namespace) -> int:
     from harness.config import ConfigError, parse_overrides
     from rewards.server import serve_reward
@@ -234,6 +336,15 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
     except (KeyError, ConfigError) as error:
         raise SystemExit(f"cannot serve reward {args.name!r}: {error}") from None
     return 0
+
+
+def add_serve_reward(sub: Subparsers) -> None:
+    p = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (for other processes/hosts)")
+    p.add_argument("name", help="a registered reward (diffrl list rewards)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept other hosts)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an option of the reward's factory")
+    p.set_defaults(func=cmd_serve_reward)
 
 
 def cmd_geneval(args: argparse.Namespace) -> int:
@@ -253,14 +364,34 @@ def cmd_geneval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from harness.report import write_report
+def add_geneval(sub: Subparsers) -> None:
+    p = sub.add_parser("geneval", help="score a GenEval image folder (<index>/metadata.jsonl, <index>/samples/)")
+    p.add_argument("image_dir", help="a folder laid out as GenEval's generation script writes it")
+    p.add_argument("--out", default=None, help="results.jsonl and summary.json (default IMAGE_DIR/geneval_results)")
+    p.add_argument(
+        "--backend", default="mmdet", choices=["mmdet", "hf"], help="mmdet: the official detector (reproduces "
+        "published numbers); hf: transformers' Mask2Former"
+    )  # fmt: skip
+    p.add_argument("--detector", default=None, help="detector checkpoint (file or folder; hf: a model id too)")
+    p.add_argument("--detector-config", default=None, help="mmdet config (default: GenEval's Mask2Former Swin-S)")
+    p.add_argument("--clip", default=None, help="CLIP ViT-L/14 for colours (default openai/clip-vit-large-patch14)")
+    p.add_argument("--class-names", default=None, help="GenEval's object_names.txt (default: downloaded once, cached)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rgb-as-bgr", action="store_true", help="reproduce FlowGRPO/DiffusionNFT's channel swap")
+    p.set_defaults(func=cmd_geneval)
 
-    folder = Path(args.folder)
-    if not (folder / "suite.yaml").is_file():
-        raise SystemExit(f"{folder} is not a suite folder written by 'diffrl run' (no suite.yaml)")
-    print(f"wrote {write_report(folder)}")
-    return 0
+
+# --- plot, table -------------------------------------------------------------------------------------------
+
+
+def _read_results(path: str) -> Any:
+    from harness.store import read_results
+
+    try:
+        return read_results(Path(path))
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -272,6 +403,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in efficiency_curve(df, args.metric, args.unit, out, log_x=args.log_x):
         print(f"wrote {path}")
     return 0
+
+
+def add_plot(sub: Subparsers) -> None:
+    p = sub.add_parser("plot", help="efficiency curve (metric vs compute, seed bands) from a results.csv")
+    p.add_argument("results", help="a results table (.csv or .parquet) or a suite folder")
+    p.add_argument("--metric", default="eval/overall")
+    p.add_argument(
+        "--unit", default="compute/fwd_equiv", help="compute/fwd_equiv, compute/flops, compute/wall_seconds, ..."
+    )
+    p.add_argument("--log-x", action="store_true")
+    p.add_argument("--out", default=None, help="output path without suffix (PNG and PDF are written)")
+    p.set_defaults(func=cmd_plot)
 
 
 def cmd_table(args: argparse.Namespace) -> int:
@@ -295,158 +438,116 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_table(sub: Subparsers) -> None:
+    p = sub.add_parser("table", help="final scores and compute-to-target from a results.csv")
+    p.add_argument("results", help="a results table (.csv or .parquet) or a suite folder")
+    p.add_argument("--metric", default="eval/overall")
+    p.add_argument("--unit", default="compute/fwd_equiv")
+    p.add_argument("--target", type=float, default=None, help="a score to reach")
+    p.add_argument("--target-variant", default=None, help="or: reach this variant's final mean score")
+    p.add_argument("--reference", default=None, help="speedups are relative to this variant")
+    p.add_argument("--latex", action="store_true", help="print the compute-to-target table as LaTeX")
+    p.add_argument("--per-seed", action="store_true",
+                   help="compute-to-target per seed (default for suites: on the seed-mean curve)")  # fmt: skip
+    p.set_defaults(func=cmd_table)
+
+
+# --- bench: speed and memory benchmarks (not tests) ---------------------------------------------------------
+
+
+def cmd_bench_methods(args: argparse.Namespace) -> int:
+    from harness.bench.methods import bench_methods
+
+    print(bench_methods(Path(args.out), args.iterations, args.warmup, args.threads, args.suite).read_text())
+    return 0
+
+
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from harness.bench.methods import bench_overhead
+
+    print(bench_overhead(args.suite, Path(args.out), args.threads).read_text())
+    return 0
+
+
+def cmd_bench_rewards(args: argparse.Namespace) -> int:
+    from harness.bench.rewards import bench_rewards
+
+    path = bench_rewards(Path(args.out), args.size, args.repeats, args.batches, args.ocr_images, ocr=not args.no_ocr)
+    print(path.read_text())
+    return 0
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from harness.bench.sd3_check import run
+
+    run(args)
+    return 0
+
+
+def add_bench(sub: Subparsers) -> None:
+    bench = sub.add_parser("bench", help="speed and memory benchmarks (not tests): methods, overhead, rewards, gpu")
+    what = bench.add_subparsers(dest="what", required=True)
+    p = what.add_parser("methods", help="s/iteration per phase and peak memory of each variant of a suite")
+    p.add_argument(
+        "--suite", default="shapes_quick", help="measure its variants at its geometry; estimate its run time"
+    )
+    p.add_argument("--iterations", type=int, default=2, help="timed iterations per variant")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/bench")
+    p.set_defaults(func=cmd_bench_methods)
+    p = what.add_parser("overhead", help="a suite run from scratch: wall time split into methods, eval and harness")
+    p.add_argument("--suite", default="shapes_quick")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="results/bench")
+    p.set_defaults(func=cmd_bench_overhead)
+    p = what.add_parser("rewards", help="images/s of each learned reward (tiny random checkpoints) and RapidOCR")
+    p.add_argument("--size", type=int, default=512, help="input image side (SD3.5 renders 512 or 1024)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batches", type=int, default=2, help="default-size batches per timed call")
+    p.add_argument("--ocr-images", type=int, default=4)
+    p.add_argument("--no-ocr", action="store_true")
+    p.add_argument("--out", default="results/bench", help="writes OUT/reward_speed.md")
+    p.set_defaults(func=cmd_bench_rewards)
+    add_bench_gpu(what)
+
+
+def add_bench_gpu(what: Subparsers) -> None:
+    """``diffrl bench gpu`` (:mod:`harness.bench.sd3_check`): seconds, memory and TFLOP/s on SD3.5-M's shapes."""
+    p = what.add_parser("gpu", help="DiffusionNFT and FlowGRPO iterations on SD3.5-Medium's transformer (random "
+                        "weights) with LoRA: s/phase, peak memory, TFLOP/s")  # fmt: skip
+    p.add_argument("--tiny", action="store_true", help="tiny transformer/VAE config (CPU smoke run)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 64 with --tiny)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default bf16 (fp32 --tiny)")
+    p.add_argument("--vae-dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--t5-tokens", type=int, default=128)
+    p.add_argument("--prompts", type=int, default=2, help="prompts per iteration")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10, help="sampling steps of both methods")
+    p.add_argument("--nft-batch", type=int, default=4, help="DiffusionNFT train_batch_size")
+    p.add_argument("--grpo-batch", type=int, default=2, help="FlowGRPO train_batch_size (x2 with CFG)")
+    p.add_argument("--iterations", type=int, default=1, help="measured iterations per method")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of the bare forward+backward")
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    p.set_defaults(func=cmd_bench_gpu)
+
+
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    add_list, add_pretrain, add_pretrain_reward, add_evaluate, add_train, add_run, add_report, add_serve_reward,
+    add_geneval, add_plot, add_table, add_bench,
+)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffrl", description="Online RL for diffusion/flow image models: benchmarks and harness."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p_list = sub.add_parser("list", help="list registered methods, rewards or benchmarks")
-    p_list.add_argument("kind", choices=["methods", "rewards", "benchmarks"])
-    p_list.set_defaults(func=cmd_list)
-
-    p_pre = sub.add_parser("pretrain", help="pretrain a benchmark's base model (deterministic)")
-    p_pre.add_argument("benchmark", choices=["shapes"])
-    p_pre.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the committed base's)")
-    p_pre.add_argument("--seed", type=int, default=0)
-    p_pre.add_argument("--save-every", type=int, default=0, help="also save every N steps into OUT/step_N")
-    p_pre.add_argument("--out", default="results/pretrain/shapes_base", help="checkpoint folder to write")
-    p_pre.set_defaults(func=cmd_pretrain)
-
-    p_prew = sub.add_parser(
-        "pretrain-reward", help="train the shapes world's differentiable reward (shapes_classifier; deterministic)"
-    )
-    p_prew.add_argument("--out", default="results/pretrain/shapes_classifier", help="asset folder to write")
-    p_prew.add_argument(
-        "--steps",
-        dest="train_steps",
-        metavar="N",
-        type=int,
-        default=None,
-        help="optimizer steps (default: the committed asset's)",
-    )
-    p_prew.add_argument("--seed", type=int, default=0)
-    p_prew.add_argument("--base-samples", type=int, default=None, help="base-model samples mixed into training")
-    p_prew.add_argument("--measure-only", action="store_true", help="only measure agreement of the asset at --out")
-    p_prew.add_argument("--no-measure", action="store_true", help="skip the agreement measurement (OUT/agreement.md)")
-    p_prew.set_defaults(func=cmd_pretrain_reward)
-
-    p_eval = sub.add_parser("evaluate", help="evaluate a checkpoint on a benchmark's held-out eval set")
-    p_eval.add_argument("benchmark", choices=["shapes"])
-    p_eval.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the committed base)")
-    p_eval.add_argument("--sampler", default="euler", choices=["euler", "dpm2"])
-    p_eval.add_argument("--steps", type=int, default=10, help="sampling steps")
-    p_eval.add_argument("--cfg", type=float, action="append", help="CFG scale (1 = none); repeat to compare scales")
-    p_eval.add_argument("--out", default=None, help="write scores.json, scores.md and sample grids into this folder")
-    p_eval.add_argument("--json", action="store_true", help="print one JSON object: overall and per-task scores")
-    p_eval.set_defaults(func=cmd_evaluate)
-
-    p_train = sub.add_parser("train", help="train one method from a checkpoint on a benchmark")
-    p_train.add_argument("benchmark", choices=["shapes"])
-    p_train.add_argument("--method", required=True, help="a registered method (diffrl list methods)")
-    p_train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field of the method's config")
-    p_train.add_argument("--iterations", type=int, default=20)
-    p_train.add_argument("--budget", type=int, default=0, help="stop once this many forward-equivalents are spent")
-    p_train.add_argument("--lr", type=float, default=SHAPES_LR, help="AdamW learning rate (full fine-tuning)")
-    p_train.add_argument("--seed", type=int, default=0)
-    p_train.add_argument("--eval-every", type=int, default=0)
-    p_train.add_argument("--checkpoint", default=None, help="start from this checkpoint (default: the committed base)")
-    p_train.add_argument("--out", default=None, help="write log.jsonl (iterations and evaluations) here")
-    p_train.add_argument("--judgement", default="correct", choices=JUDGEMENTS, help=JUDGEMENT_HELP)
-    p_train.add_argument(
-        "--reward", default="shapes_geneval", help="the training reward (a registered name; draft needs a differentiable "
-        "one, e.g. shapes_classifier); the eval metric stays the shapes GenEval rules"
-    )  # fmt: skip
-    p_train.set_defaults(func=cmd_train)
-
-    p_cmp = sub.add_parser("compare", help="DiffusionNFT vs FlowGRPO (CFG 4.5 and none) at matched compute")
-    p_cmp.add_argument("benchmark", choices=["shapes"])
-    p_cmp.add_argument("--iterations", type=int, default=20, help="DiffusionNFT iterations; sets the budget")
-    p_cmp.add_argument("--lr", type=float, default=SHAPES_LR)
-    p_cmp.add_argument("--seed", type=int, default=0)
-    p_cmp.add_argument("--out", default="results/shapes_methods")
-    p_cmp.add_argument("--judgement", default="correct", choices=JUDGEMENTS, help=JUDGEMENT_HELP)
-    p_cmp.set_defaults(func=cmd_compare)
-
-    p_run = sub.add_parser("run", help="run (or resume) a comparison suite; writes results/<suite>/")
-    shipped = sorted(p.stem for p in (Path(__file__).parent / "suites").glob("*.yaml"))  # harness.suite imports torch
-    p_run.add_argument("suite", help=f"a suite .yaml file or a built-in suite name ({', '.join(shipped)})")
-    p_run.add_argument("--out", default=None, help="suite folder (default: results/<suite name>)")
-    p_run.add_argument("--check", action="store_true", help="validate the suite and exit")
-    p_run.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p_run.add_argument("--no-progress", action="store_true", help="no progress bars (evaluation lines stay)")
-    p_run.set_defaults(func=cmd_run)
-
-    p_report = sub.add_parser("report", help="rebuild a suite folder's README, plots and tables")
-    p_report.add_argument("folder", help="a folder written by 'diffrl run'")
-    p_report.set_defaults(func=cmd_report)
-
-    p_serve = sub.add_parser("serve-reward", help="serve a registered reward over HTTP (for other processes/hosts)")
-    p_serve.add_argument("name", help="a registered reward (diffrl list rewards)")
-    p_serve.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept other hosts)")
-    p_serve.add_argument("--port", type=int, default=8000)
-    p_serve.add_argument("--set", action="append", metavar="KEY=VALUE", help="an option of the reward's factory")
-    p_serve.set_defaults(func=cmd_serve_reward)
-
-    p_gen = sub.add_parser("geneval", help="score a GenEval image folder (<index>/metadata.jsonl, <index>/samples/)")
-    p_gen.add_argument("image_dir", help="a folder laid out as GenEval's generation script writes it")
-    p_gen.add_argument("--out", default=None, help="results.jsonl and summary.json (default IMAGE_DIR/geneval_results)")
-    p_gen.add_argument(
-        "--backend", default="mmdet", choices=["mmdet", "hf"], help="mmdet: the official detector (reproduces "
-        "published numbers); hf: transformers' Mask2Former"
-    )  # fmt: skip
-    p_gen.add_argument("--detector", default=None, help="detector checkpoint (file or folder; hf: a model id too)")
-    p_gen.add_argument("--detector-config", default=None, help="mmdet config (default: GenEval's Mask2Former Swin-S)")
-    p_gen.add_argument("--clip", default=None, help="CLIP ViT-L/14 for colours (default openai/clip-vit-large-patch14)")
-    p_gen.add_argument(
-        "--class-names", default=None, help="GenEval's object_names.txt (default: downloaded once and cached)"
-    )
-    p_gen.add_argument("--device", default="cpu")
-    p_gen.add_argument("--batch-size", type=int, default=8)
-    p_gen.add_argument("--rgb-as-bgr", action="store_true", help="reproduce FlowGRPO/DiffusionNFT's channel swap")
-    p_gen.set_defaults(func=cmd_geneval)
-
-    p_plot = sub.add_parser("plot", help="efficiency curve (metric vs compute, seed bands) from a results.csv")
-    p_plot.add_argument("results", help="a results table (.csv or .parquet) or a suite folder")
-    p_plot.add_argument("--metric", default="eval/overall")
-    p_plot.add_argument(
-        "--unit", default="compute/fwd_equiv", help="compute/fwd_equiv, compute/flops, compute/wall_seconds, ..."
-    )
-    p_plot.add_argument("--log-x", action="store_true")
-    p_plot.add_argument("--out", default=None, help="output path without suffix (PNG and PDF are written)")
-    p_plot.set_defaults(func=cmd_plot)
-
-    p_table = sub.add_parser("table", help="final scores and compute-to-target from a results.csv")
-    p_table.add_argument("results", help="a results table (.csv or .parquet) or a suite folder")
-    p_table.add_argument("--metric", default="eval/overall")
-    p_table.add_argument("--unit", default="compute/fwd_equiv")
-    p_table.add_argument("--target", type=float, default=None, help="a score to reach")
-    p_table.add_argument("--target-variant", default=None, help="or: reach this variant's final mean score")
-    p_table.add_argument("--reference", default=None, help="speedups are relative to this variant")
-    p_table.add_argument("--latex", action="store_true", help="print the compute-to-target table as LaTeX")
-    p_table.add_argument(
-        "--per-seed",
-        action="store_true",
-        help="compute-to-target per seed (default for suites: on the seed-mean curve)",
-    )
-    p_table.set_defaults(func=cmd_table)
-
-    p_bench = sub.add_parser("bench", help="speed and memory benchmarks (not tests)")
-    p_bench.add_argument(
-        "what", choices=["methods", "overhead"], help="methods: s/iteration and memory; overhead: a suite's time split"
-    )
-    p_bench.add_argument(
-        "--suite",
-        default=None,
-        help="methods: measure this suite's variants at its geometry and estimate its run time; "
-        "overhead: the suite run from scratch (default shapes_quick)",
-    )
-    p_bench.add_argument("--iterations", type=int, default=2, help="timed iterations per method")
-    p_bench.add_argument("--warmup", type=int, default=1)
-    p_bench.add_argument("--threads", type=int, default=2)
-    p_bench.add_argument("--out", default="results/bench")
-    p_bench.set_defaults(func=cmd_bench)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -455,10 +556,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if getattr(args, "steps", 0) is None:
-        from benchmarks.shapes.pretrain import PretrainConfig
-
-        args.steps = PretrainConfig().steps
     return int(args.func(args))
 
 

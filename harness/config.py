@@ -1,7 +1,9 @@
 """Strict construction of frozen config dataclasses from plain mappings (YAML, ``--set key=value``).
 
 Unknown keys are errors with a did-you-mean; values are checked against the field's type
-before any compute starts. Nothing is silently dropped.
+before any compute starts. Nothing is silently dropped. Each config then checks its own values in
+``__post_init__`` (:func:`require`), and :func:`build` turns that ``ValueError`` into a
+:class:`ConfigError` naming the full path: ``suite.methods[0].config.beta = 0: beta must be > 0, got 0.0``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -98,8 +101,23 @@ def build(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
         return cls(**checked)
     except ConfigError:
         raise
-    except (ValueError, TypeError) as error:  # a dataclass's own cross-field check (__post_init__)
-        raise ConfigError(f"{where}: {error}") from error
+    except (ValueError, TypeError) as error:  # the dataclass's own checks (__post_init__)
+        raise ConfigError(_located(str(error), where, fields, values)) from error
+
+
+def _located(message: str, where: str, fields: Mapping[str, dataclasses.Field], values: Mapping[str, Any]) -> str:
+    """``where.key = value: message`` when the message is about one field (``"<field> must ..."``, as
+    :func:`require` writes), with the value as given (or the field's default); else ``where: message``."""
+    match = re.match(r"(\w+) must ", message)
+    if match is None or match.group(1) not in fields:
+        return f"{where}: {message}"
+    key = match.group(1)
+    if key in values:
+        value = values[key]
+    else:
+        field = fields[key]
+        value = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+    return f"{where}.{key} = {list(value) if isinstance(value, tuple) else value!r}: {message}"
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

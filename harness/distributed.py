@@ -22,6 +22,7 @@ With one process every function here is the identity and nothing is imported fro
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -92,9 +93,9 @@ class Processes:
         """The main process's ``value`` (any picklable object) on every process."""
         if self.world_size == 1:
             return value
-        box = [value if self.is_main else None]
+        box: list[T | None] = [value if self.is_main else None]
         torch.distributed.broadcast_object_list(box, src=0, device=self.device)
-        return box[0]
+        return typing.cast(T, box[0])  # every process now holds the main one's value
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sums of ``values`` over the processes."""

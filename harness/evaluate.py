@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from benchmarks.base import Benchmark, Prompt
+from benchmarks.base import Benchmark
 from harness.distributed import SINGLE, Processes
-from harness.policy import Policy, WeightSet, iter_batches
+from harness.policy import WEIGHT_SETS, Policy, WeightSet, iter_batches
 from harness.rollout import rollout
 from harness.samplers import Sampler, flow_schedule
 from harness.seeding import generator
+from harness.types import Prompt
+from harness.validation import require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,6 +28,14 @@ class EvalSettings:
     shift: float = 1.0
     batch_size: int = 128
     weights: WeightSet = "train"
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "batch_size"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        scale = self.guidance_scale
+        require(math.isfinite(scale) and scale >= 1, "guidance_scale", scale, "a finite number >= 1 (1: no guidance)")
+        require(math.isfinite(self.shift) and self.shift > 0, "shift", self.shift, "a finite number > 0")
+        require(self.weights in WEIGHT_SETS, "weights", self.weights, f"one of {', '.join(WEIGHT_SETS)}")
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,7 @@ def evaluate_policy(
     bar.close()
     all_images = torch.cat(gathered) if processes.is_main else None
     scores: dict[str, float] | None = None
-    if processes.is_main:
+    if all_images is not None:  # the main process
         try:
             scores = benchmark.evaluate(all_images, expanded)
         except Exception as error:  # shared first, so that the other processes stop too instead of waiting
@@ -108,4 +119,5 @@ def evaluate_policy(
     shared = processes.broadcast_from_main(scores)  # on the others, a string is the main process's error
     if isinstance(shared, str):
         raise RuntimeError(f"the main process failed to score the evaluation ({shared})")
+    assert shared is not None  # the main process scored (or raised above)
     return EvalOutput(shared, all_images, expanded)

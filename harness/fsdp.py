@@ -15,7 +15,7 @@ What changes under FSDP, against plain data parallelism (:mod:`harness.distribut
   moments and the EMA are DTensor shards, and their element-wise updates act on the shards;
 * every forward pass all-gathers a unit's parameters, so every process must run the same passes:
   evaluation deals every process the same number of batches, and a method whose training subset
-  depends on the rewards pads its micro-batches with filler passes (:data:`FSDP_METHODS`);
+  depends on the rewards pads its micro-batches with filler passes (:mod:`harness.accumulate`);
 * checkpoints hold full tensors, gathered on every process (:func:`full_tensors`) and written by
   the main one, so a checkpoint saved under FSDP loads in one process and vice versa
   (:func:`local_like` cuts a full tensor back to this process's shard).
@@ -30,12 +30,6 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-
-# Methods that run the same passes on every process. Every forward all-gathers shards, so a method
-# that trains on a data-dependent subset (FlowGRPO's non-zero-std groups, RAFT's best, online DPO's
-# untied pairs) pads its micro-batches with fillers (``methods.base.micro_batches``). Add a method
-# here only with a test like tests/harness/test_fsdp.py.
-FSDP_METHODS = frozenset({"awm", "diffusion_nft", "draft", "flow_grpo", "flow_grpo_fast", "online_dpo", "raft", "rwr"})
 
 # Environment variables accelerate launch sets from fsdp_config → (refused value test, the key to change).
 UNSUPPORTED: dict[str, tuple[Callable[[str], bool], str]] = {
@@ -72,16 +66,6 @@ def requested() -> tuple[bool, bool]:
     if reshard not in ("true", "false"):
         raise ValueError(f"fsdp_reshard_after_forward must be true or false with FSDP2, got {reshard!r}")
     return True, reshard == "true"
-
-
-def check_method(method_name: str) -> None:
-    """Refuse, before any compute, a method whose pass count per process can depend on the data."""
-    if method_name not in FSDP_METHODS:
-        raise ValueError(
-            f"method {method_name!r} is not supported under FSDP (supported: {', '.join(sorted(FSDP_METHODS))}): "
-            "FSDP needs the same passes on every process and the method has not been checked for it; launch it "
-            "data-parallel (harness/launch/8gpu.yaml) instead"
-        )
 
 
 def shard_policy(policy: object, device: torch.device, world_size: int, reshard_after_forward: bool) -> None:

@@ -1,14 +1,22 @@
-"""Image grids for reports and for looking at samples."""
+"""Image conversions shared by rewards and benchmarks, and image grids for reports and for looking at samples."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 
 from harness.atomic import atomic_write
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """(B, 3, H, W) floats in [0, 1] → (B, H, W, 3) uint8."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(images: Tensor, path: Path, columns: int = 8, scale: int = 4, pad: int = 2) -> Path:

@@ -7,6 +7,7 @@ loss stops the run with an error instead of poisoning the weights.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from harness.ema import EMA
 from harness.fsdp import full_tensor, local_optimizer_state
+from harness.validation import require
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +33,16 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     ema_max_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "eps", "grad_clip"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value > 0, name, value, "a finite number > 0")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
+                "a finite number >= 0")  # fmt: skip
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+                "two numbers in [0, 1)")  # fmt: skip
+        require(0 <= self.ema_max_decay < 1, "ema_max_decay", self.ema_max_decay, "in [0, 1)")
 
 
 class Optimization:

@@ -1,4 +1,9 @@
-"""The one denoising loop. Every method and the evaluator sample through :func:`rollout`."""
+"""The one denoising loop. Every method and the evaluator sample through :func:`rollout`.
+
+A :class:`Window` composes two samplers along one trajectory: the given (stochastic) sampler inside a
+window of steps and a deterministic solver elsewhere, keeping latents and log-probs only inside it
+(FlowGRPO-Fast's window; MixGRPO's sliding window).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,32 @@ import torch
 from torch import Tensor
 
 from harness.policy import Cond, Policy, guided_velocity
-from harness.samplers import History, Sampler
+from harness.samplers import EulerODE, History, Sampler
+
+
+@dataclass(frozen=True)
+class Window:
+    """Steps ``[start, start + size)`` of a trajectory use the rollout's sampler, every other step ``outside``.
+
+    With a window, a kept trajectory holds only the window's ``size + 1`` latents and ``size`` log-probs.
+    """
+
+    start: int
+    size: int
+    outside: Sampler = EulerODE()
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.size < 1:
+            raise ValueError(f"a window needs start >= 0 and size >= 1, got start={self.start}, size={self.size}")
+        if self.outside.stochastic:
+            raise ValueError(f"the sampler outside a window must be deterministic, got {self.outside.name!r}")
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    def __contains__(self, k: object) -> bool:
+        return isinstance(k, int) and self.start <= k < self.end
 
 
 @dataclass(frozen=True)
@@ -21,7 +51,7 @@ class Trajectory:
     """
 
     x0: Tensor
-    timesteps: Tensor  # (K+1,), 1 → 0
+    timesteps: Tensor  # (K+1,), 1 → 0 (with a window: its size + 1 times)
     latents: Tensor | None = None
     log_probs: Tensor | None = None
 
@@ -38,31 +68,38 @@ def rollout(
     generator: torch.Generator | None = None,
     keep_trajectory: bool = False,
     track_grad: bool = False,
+    window: Window | None = None,
 ) -> Trajectory:
     """Integrate from ``noise`` at t = timesteps[0] to timesteps[-1] with the active weights.
 
-    Stochastic samplers draw their step noise from ``generator``, so a seeded generator makes
-    the whole trajectory reproducible. ``track_grad`` keeps the autograd graph through every step
-    (direct reward backprop); by default sampling runs without one.
+    Stochastic steps draw their noise from ``generator``, so a seeded generator makes the whole
+    trajectory reproducible. ``track_grad`` keeps the autograd graph through every step (direct reward
+    backprop); by default sampling runs without one. ``window``: ``sampler`` only inside it (see
+    :class:`Window`).
     """
     x = noise
-    latents, log_probs = [x], []
+    kept = range(len(timesteps)) if window is None else range(window.start, window.end + 1)
+    latents, log_probs = [x] if 0 in kept else [], []
     history: History | None = None
     batch = x.shape[0]
     with torch.set_grad_enabled(track_grad):
         for k in range(len(timesteps) - 1):
             t, t_next = timesteps[k], timesteps[k + 1]
+            step_sampler = sampler if window is None or k in window else window.outside
             v = guided_velocity(policy, x, t.expand(batch), cond, uncond, guidance_scale)
-            step_noise = torch.randn(x.shape, generator=generator, dtype=torch.float32) if sampler.stochastic else None
-            transition = sampler.step(v, x, t, t_next, noise=step_noise, history=history)
-            if sampler.stochastic and keep_trajectory:
-                log_probs.append(sampler.log_prob(transition.x_next, transition))
+            step_noise = None
+            if step_sampler.stochastic:
+                step_noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+            transition = step_sampler.step(v, x, t, t_next, noise=step_noise, history=history)
+            if step_sampler.stochastic and keep_trajectory:
+                log_probs.append(step_sampler.log_prob(transition.x_next, transition))
             history = History(transition.x0_pred, t)
             x = transition.x_next.to(noise.dtype)
-            latents.append(x)
+            if k + 1 in kept:
+                latents.append(x)
     return Trajectory(
         x0=x,
-        timesteps=timesteps,
+        timesteps=timesteps if window is None else timesteps[window.start : window.end + 1],
         latents=torch.stack(latents, dim=1) if keep_trajectory else None,
         log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
     )

@@ -32,7 +32,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from benchmarks.base import Benchmark, Prompt
+from benchmarks.base import Benchmark
 from harness.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from harness.budget import UNIT_COLUMNS
 from harness.config import call_checked
@@ -42,10 +42,12 @@ from harness.images import save_grid
 from harness.policy import Policy
 from harness.store import device_info, git_commit, package_versions, results_frame, write_results
 from harness.suite import MethodEntry, Suite, config_digest, make_benchmark
-from harness.suite_model import resolve_device
+from harness.suite_model import ModelSpec, resolve_device
 from harness.trackers import CellTrackers
-from harness.trainer import LoopConfig, train
-from rewards.base import Reward, WeightedReward
+from harness.trainer import LoopConfig, check_fsdp, train
+from harness.types import Prompt, Reward
+from methods import METHODS
+from rewards.base import WeightedReward
 from rewards.normalize import FixedRange, Normalizer, RunningMeanStd
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,11 @@ def load_policy(suite: Suite, processes: Processes = SINGLE) -> Policy:
 
     Under a multi-GPU launch each process puts the model on its own GPU (under FSDP ``train`` then shards it).
     """
-    model = suite.config.model
+    return load_model(suite.config.model, suite.model_config, processes)
+
+
+def load_model(model: ModelSpec, model_config: Any, processes: Processes = SINGLE) -> Policy:
+    """:func:`load_policy` from a checked ``model`` section and its policy config (``check_model``'s pair)."""
     if model.kind in ("sd3", "flux"):
         device = resolve_device(model.device)
         if processes.world_size > 1 and device.startswith("cuda"):
@@ -108,12 +114,10 @@ def load_policy(suite: Suite, processes: Processes = SINGLE) -> Policy:
             from harness.policies import flux
 
             # validation filled in the checkpoint: a folder or a hub id
-            return flux.FluxPolicy.from_pretrained(
-                model.checkpoint or flux.DEFAULT_MODEL, suite.model_config, device=device
-            )
+            return flux.FluxPolicy.from_pretrained(model.checkpoint or flux.DEFAULT_MODEL, model_config, device=device)
         from harness.policies import sd3
 
-        return sd3.SD3Policy.from_pretrained(model.checkpoint or sd3.DEFAULT_MODEL, suite.model_config, device=device)
+        return sd3.SD3Policy.from_pretrained(model.checkpoint or sd3.DEFAULT_MODEL, model_config, device=device)
     from benchmarks.shapes.checkpoint import load_shapes_policy
 
     return load_shapes_policy(Path(model.checkpoint) if model.checkpoint else None)
@@ -149,6 +153,9 @@ class SuiteRunner:
         self.git = git_commit()  # the code that runs, read before it runs (a commit made meanwhile is not it)
         cells = [(entry.label, seed) for entry in self.cfg.methods for seed in self.cfg.seeds]
         self._check_earlier_runs(cells)
+        if self.processes.fsdp:  # every variant, before the first cell computes anything
+            for entry in self.cfg.methods:
+                check_fsdp(METHODS.get(entry.method), entry.label)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "suite.yaml", yaml.safe_dump(self.suite.resolved(), sort_keys=False))
@@ -244,8 +251,8 @@ class SuiteRunner:
             tqdm.write("  " + self._summary(row))
 
         result = train(
-            entry.method, self.suite.method_configs[label], load_policy(self.suite, self.processes), self.benchmark,
-            reward, loop, train_spec.optim, progress=self.progress, label=f"{label} s{seed}", on_eval=on_eval,
+            METHODS.get(entry.method), self.suite.method_configs[label], load_policy(self.suite, self.processes),
+            self.benchmark, reward, loop, train_spec.optim, progress=self.progress, label=f"{label} s{seed}", on_eval=on_eval,
             on_iteration=lambda row: trackers.log(row, step=int(row["iteration"])),
             checkpoint=folder / "checkpoint.pt", fingerprint=fingerprint, initial_scores=self.base_evals.get(base_key),
             processes=self.processes,
@@ -268,6 +275,7 @@ class SuiteRunner:
 
     def _save_grid(self, output: EvalOutput, label: str, seed: int, point: int | None, scale: float) -> None:
         """Columns: tasks; rows: the first image of each task's first ``eval.grids`` prompts."""
+        assert output.images is not None  # on_eval runs on the main process, which holds the images
         picks = grid_indices(output.prompts, self.cfg.eval.grids, self.benchmark.images_per_prompt)
         columns = len({p.tag for p in output.prompts})
         if point == 0:  # the untrained model: one grid per eval protocol

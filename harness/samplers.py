@@ -30,13 +30,17 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 class Transition:
     """One sampler step: ``x_next ~ N(mean, std²)`` (``std = 0`` for ODE steps).
 
-    ``x0_pred`` is the step's data prediction ``x_t − t·v`` (what a multistep solver reuses).
+    ``x_next`` is ``mean + std·noise`` with the caller's noise, or ``mean`` when none was given (replaying a
+    stored transition only needs its mean and std). ``x0_pred`` is the step's data prediction ``x_t − t·v``
+    (what a multistep solver reuses). ``sigma`` is the step's noise scale in the convention FlowGRPO's KL
+    divides by: the Flow-SDE's σ_t *without* sqrt(−dt) (official ``std_dev_t``), CPS's step std s, 0 for ODEs.
     """
 
     x_next: Tensor
     mean: Tensor
     std: Tensor  # (B, 1, ..., 1), broadcastable to x
     x0_pred: Tensor
+    sigma: Tensor  # (B, 1, ..., 1)
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,14 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return log_density.mean(dim=tuple(range(1, x.ndim)))
 
 
+def noised(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """The forward process ``x_t = (1 − t)·x0 + t·ε`` for a (B,) time and samples of any rank (B, ...)."""
+    if t.ndim != 1 or t.shape[0] != x0.shape[0]:
+        raise ValueError(f"t must have shape (B,) = ({x0.shape[0]},), got {tuple(t.shape)}")
+    t_ = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return (1 - t_) * x0 + t_ * noise
+
+
 def flow_schedule(num_steps: int, shift: float = 1.0) -> Tensor:
     """``num_steps + 1`` times from 1 to 0, uniform then shifted: t' = s·t / (1 + (s − 1)·t) (SD3)."""
     if num_steps < 1:
@@ -71,7 +83,12 @@ def flow_schedule(num_steps: int, shift: float = 1.0) -> Tensor:
 
 
 class Sampler(Protocol):
-    """A stateless step of a flow sampler."""
+    """A stateless step of a flow sampler: every step kind (ODE solvers, Flow-SDE, CPS) has this one API.
+
+    A sampler never draws randomness: a stochastic step takes the caller's ``noise`` (the rollout draws it
+    from its seeded generator), and without it returns the transition's mean and std for replaying a stored
+    step (training log-probs).
+    """
 
     name: ClassVar[str]
     stochastic: ClassVar[bool]
@@ -89,7 +106,8 @@ class Sampler(Protocol):
 
 
 def _deterministic(x_next: Tensor, x0_pred: Tensor) -> Transition:
-    return Transition(x_next, x_next, torch.zeros(x_next.shape[0], *([1] * (x_next.ndim - 1))), x0_pred)
+    zero = torch.zeros(x_next.shape[0], *([1] * (x_next.ndim - 1)), device=x_next.device)
+    return Transition(x_next, x_next, zero, x0_pred, zero)
 
 
 class EulerODE:
@@ -143,35 +161,14 @@ class DPMSolverPP2M:
         raise TypeError("DPM-Solver++(2M) is deterministic: it has no transition log-prob (use flow_sde or cps)")
 
 
-def flow_sde_step(
-    velocity: Tensor, x: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, *,
-    noise_level: float = 0.7, noise: Tensor | None = None, prev_sample: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """FlowGRPO's SDE step (arXiv 2505.05470, Eq. 9; ``sde_step_with_logprob`` in the official code).
-
-    ``σ_t = a·sqrt(t/(1 − t))`` with the official guard at t = 1 (the denominator uses the
-    schedule's next time, which at t = 1 is its second entry), and
-    ``μ = x·(1 + σ_t²·dt/(2t)) + v·(1 + σ_t²·(1 − t)/(2t))·dt``, ``x_next = μ + σ_t·sqrt(−dt)·ε``.
-    Returns ``(prev_sample, log_prob, mean, std_dev_t)``; ``std_dev_t`` is σ_t *without* the
-    sqrt(−dt) factor; ``log_prob`` is the Gaussian log-density averaged over non-batch dims, in
-    fp32, of ``prev_sample`` (given, or drawn here).
-    """
-    v, x = velocity.float(), x.float()
-    t, t_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
-    dt = t_next - t
-    std_dev_t = noise_level * torch.sqrt(t / (1 - torch.where(t >= 1, t_next, t)))
-    mean = x * (1 + std_dev_t**2 / (2 * t) * dt) + v * (1 + std_dev_t**2 * (1 - t) / (2 * t)) * dt
-    std = std_dev_t * torch.sqrt(-dt)
-    if prev_sample is None:
-        if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        prev_sample = mean + std * noise
-    return prev_sample, gaussian_log_prob(prev_sample, mean, std), mean, std_dev_t
-
-
 class FlowSDE:
-    """FlowGRPO's Flow-SDE sampler; ``noise_level = 0`` reduces it to the Euler ODE."""
+    """FlowGRPO's Flow-SDE step (arXiv 2505.05470, Eq. 9; ``sde_step_with_logprob`` in the official code).
+
+    ``σ_t = a·sqrt(t/(1 − t))`` with the official guard at t = 1 (the denominator uses the schedule's next
+    time, which at t = 1 is its second entry), ``μ = x·(1 + σ_t²·dt/(2t)) + v·(1 + σ_t²·(1 − t)/(2t))·dt``
+    and ``x_next = μ + σ_t·sqrt(−dt)·ε``, in fp32. Its log-prob is the Gaussian log-density averaged over
+    non-batch dims (official). ``noise_level = 0`` reduces it to the Euler ODE.
+    """
 
     name: ClassVar[str] = "flow_sde"
     stochastic: ClassVar[bool] = True
@@ -181,11 +178,14 @@ class FlowSDE:
 
     def step(self, v: Tensor, x: Tensor, t: Tensor | float, t_next: Tensor | float, *,
              noise: Tensor | None = None, history: History | None = None) -> Transition:  # fmt: skip
-        if noise is None:
-            noise = torch.randn_like(x, dtype=torch.float32)
-        x_next, _, mean, std_dev_t = flow_sde_step(v, x, t, t_next, noise_level=self.noise_level, noise=noise)
-        dt = _per_sample(t_next, x) - _per_sample(t, x)
-        return Transition(x_next, mean, std_dev_t * torch.sqrt(-dt), x.float() - _per_sample(t, x) * v.float())
+        v, x = v.float(), x.float()
+        t_, t_next_ = _per_sample(t, x), _per_sample(t_next, x)
+        dt = t_next_ - t_
+        sigma = self.noise_level * torch.sqrt(t_ / (1 - torch.where(t_ >= 1, t_next_, t_)))
+        mean = x * (1 + sigma**2 / (2 * t_) * dt) + v * (1 + sigma**2 * (1 - t_) / (2 * t_)) * dt
+        std = sigma * torch.sqrt(-dt)
+        x_next = mean if noise is None else mean + std * noise
+        return Transition(x_next, mean, std, x - t_ * v, sigma)
 
     def log_prob(self, x_next: Tensor, transition: Transition) -> Tensor:
         return gaussian_log_prob(x_next, transition.mean, transition.std)
@@ -213,9 +213,7 @@ class CPS:
         s = t_next_ * math.sin(self.noise_level * math.pi / 2)
         x0_pred, x1_pred = x - t_ * v, x + (1 - t_) * v
         mean = (1 - t_next_) * x0_pred + torch.sqrt(t_next_**2 - s**2) * x1_pred
-        if noise is None:
-            noise = torch.randn_like(x)
-        return Transition(mean + s * noise, mean, s, x0_pred)
+        return Transition(mean if noise is None else mean + s * noise, mean, s, x0_pred, s)
 
     def log_prob(self, x_next: Tensor, transition: Transition) -> Tensor:
         return -((x_next.float() - transition.mean) ** 2).mean(dim=tuple(range(1, x_next.ndim)))

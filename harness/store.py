@@ -51,7 +51,7 @@ def read_results(path: Path) -> pd.DataFrame:
     if path.is_dir():
         path = path / "results.parquet" if (path / "results.parquet").is_file() else path / "results.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"results table {path} not found (written by 'diffrl run' or 'diffrl compare')")
+        raise FileNotFoundError(f"results table {path} not found (written by 'diffrl run')")
     return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from harness.budget import Budget, Unit
 from harness.config import ConfigError, build, call_checked
 from harness.evaluate import EvalSettings
 from harness.optim import OptimConfig
-from harness.samplers import SAMPLERS, make_sampler
-from harness.suite_model import check_flux_methods, check_model
+from harness.samplers import SAMPLERS
+from harness.suite_model import GuidedVariant, ModelSpec, check_flux_methods, check_model
+from harness.validation import require
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +45,6 @@ class BenchmarkSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    kind: Literal["tiny_dit", "sd3", "flux"] = "tiny_dit"
-    # tiny_dit: a checkpoint folder (None: the shapes benchmark's committed base); sd3 / flux: a diffusers
-    # pipeline folder or hub id (None: stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev).
-    # Weights load when a cell starts.
-    checkpoint: str | None = None
-    finetune: Literal["full", "lora"] | None = None  # None: the kind's only mode (tiny_dit full, sd3/flux lora)
-    # sd3: fields of SD3PolicyConfig (lora: SD3LoRAConfig); flux: of FluxPolicyConfig (lora: FluxLoRAConfig)
-    options: dict[str, Any] = field(default_factory=dict)
-    device: str = "auto"  # sd3/flux: auto (cuda if available, else cpu), cpu, cuda or cuda:N; tiny DiT: the CPU
-
-
-@dataclass(frozen=True, kw_only=True)
 class RewardTerm:
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the reward's factory
@@ -63,6 +52,18 @@ class RewardTerm:
     # clamped to [0, 1]; needs `range`) or running (standardised by running mean and std).
     normalize: Literal["none", "fixed_range", "running"] = "none"
     range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.weight) and self.weight >= 0, "weight", self.weight, "a finite number >= 0")
+        if (self.normalize == "fixed_range") != (self.range is not None):
+            raise ValueError(
+                f"normalize 'fixed_range' takes range: [low, high], and only it does (got normalize "
+                f"{self.normalize!r}, range {None if self.range is None else list(self.range)})"
+            )
+        if self.range is not None:
+            low, high = self.range
+            require(math.isfinite(low) and math.isfinite(high) and low < high, "range", list(self.range),
+                    "[low, high] with finite low < high")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +79,12 @@ class MethodEntry:
     # reward backprop); None: suite.rewards. The benchmark's eval metric is the same for every variant.
     rewards: dict[str, RewardTerm] | None = None
 
+    def __post_init__(self) -> None:
+        require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.label) is not None, "label", self.label,
+                "letters, digits, '_', '-' or '.' (a folder name)")  # fmt: skip
+        scale = self.eval_cfg
+        require(math.isfinite(scale) and scale >= 1, "eval_cfg", scale, "a finite number >= 1 (1: no guidance)")
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSpec:
@@ -86,6 +93,12 @@ class TrainSpec:
     max_iterations: int = 100_000  # a safety cap; the budget ends runs
     checkpoint_every: int = 5  # iterations between checkpoints (evaluations always checkpoint)
     optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("prompts_per_iteration", "max_iterations", "checkpoint_every"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        require(self.images_per_prompt >= 2, "images_per_prompt", self.images_per_prompt,
+                "an integer >= 2 (groups need two images)")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +109,18 @@ class EvalSpec:
     batch_size: int = 128
     grids: int = 2  # eval images per task in each saved sample grid (0: none)
 
+    def __post_init__(self) -> None:
+        require(self.sampler in SAMPLERS, "sampler", self.sampler, f"one of {', '.join(SAMPLERS)}")
+        for name in ("num_steps", "batch_size"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        require(math.isfinite(self.shift) and self.shift > 0, "shift", self.shift, "a finite number > 0")
+        require(self.grids >= 0, "grids", self.grids, "an integer >= 0")
+
+    def settings(self, guidance_scale: float) -> EvalSettings:
+        """How eval images are made under this spec at ``guidance_scale`` (a variant's ``eval_cfg``)."""
+        return EvalSettings(num_steps=self.num_steps, guidance_scale=guidance_scale, shift=self.shift,
+                            batch_size=self.batch_size)  # fmt: skip
+
 
 @dataclass(frozen=True, kw_only=True)
 class ReportSpec:
@@ -104,6 +129,9 @@ class ReportSpec:
     log_x: bool = False
     reference: str | None = None  # speedups are relative to this label
     target: float | None = None  # compute-to-target threshold (default: the reference's final score)
+
+    def __post_init__(self) -> None:
+        require(self.target is None or math.isfinite(self.target), "target", self.target, "a finite number or null")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +148,13 @@ class SuiteConfig:
     eval: EvalSpec = field(default_factory=EvalSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
     trackers: tuple[str, ...] = ()  # accelerate trackers: tensorboard, wandb, ... (never required)
+
+    def __post_init__(self) -> None:
+        require(re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", self.name) is not None, "name", self.name,
+                "lower-case letters, digits, '_', '-' or '.' (a folder name)")  # fmt: skip
+        seeds = self.seeds
+        require(bool(seeds) and len(set(seeds)) == len(seeds) and min(seeds) >= 0, "seeds", list(seeds),
+                "distinct non-negative integers")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,11 +192,9 @@ class Suite:
         return config_digest(data)
 
     def eval_settings(self, label: str) -> EvalSettings:
+        """How variant ``label`` is evaluated: the suite's eval spec at the variant's ``eval_cfg``."""
         entry = next(m for m in self.config.methods if m.label == label)
-        spec = self.config.eval
-        return EvalSettings(
-            num_steps=spec.num_steps, guidance_scale=entry.eval_cfg, shift=spec.shift, batch_size=spec.batch_size
-        )
+        return self.config.eval.settings(entry.eval_cfg)
 
 
 def config_digest(data: Any) -> str:
@@ -224,16 +257,13 @@ def load_suite(name_or_path: str | Path) -> Suite:
 def validate_suite(data: Mapping[str, Any], source: str = "<mapping>") -> Suite:
     """Build the :class:`SuiteConfig` strictly, then check names and cross-field compatibility."""
     cfg = build(SuiteConfig, data, where="suite")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", cfg.name):
-        raise ConfigError(f"suite.name = {cfg.name!r}; use lower-case letters, digits, '_', '-' or '.' (a folder name)")
     benchmark = make_benchmark(cfg.benchmark)
     model, model_config = check_model(cfg.model)
     cfg = dataclasses.replace(cfg, model=model)
     rewards = _build_rewards(cfg.rewards)
     method_configs = _build_method_configs(cfg.methods, rewards)
-    _check_loop(cfg)
     if cfg.model.kind == "flux":
-        check_flux_methods(cfg, method_configs, model_config)
+        check_flux_methods(cfg.model, model_config, _guided_variants(cfg, method_configs), cfg.eval.shift)
     if cfg.report.metric not in benchmark.metrics:
         raise ConfigError(f"suite.report.metric = {cfg.report.metric!r}; allowed: {', '.join(benchmark.metrics)}")
     if cfg.report.reference is not None and cfg.report.reference not in method_configs:
@@ -270,13 +300,6 @@ def _build_rewards(terms: Mapping[str, RewardTerm], where: str = "suite.rewards"
     rewards = {}
     for key, term in terms.items():
         _check_registered(REWARDS, key, f"{where}.{key}")
-        if (term.normalize == "fixed_range") != (term.range is not None):
-            raise ConfigError(
-                f"{where}.{key}: normalize 'fixed_range' takes range: [low, high], and only it does "
-                f"(got normalize {term.normalize!r}, range {term.range})"
-            )
-        if term.range is not None and not term.range[0] < term.range[1]:
-            raise ConfigError(f"{where}.{key}.range = {list(term.range)}; needs low < high")
         rewards[key] = call_checked(REWARDS.get(key), term.options, f"{where}.{key}.options")
     return rewards
 
@@ -292,33 +315,24 @@ def _build_method_configs(entries: tuple[MethodEntry, ...], rewards: Mapping[str
         where = f"suite.methods[{i}]"
         if entry.label in method_configs:
             raise ConfigError(f"{where}.label = {entry.label!r} is used twice; labels name variants and must differ")
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", entry.label):
-            raise ConfigError(f"{where}.label = {entry.label!r}; use letters, digits, '_', '-' or '.' (a folder name)")
         _check_registered(METHODS, entry.method, f"{where}.method")
         method_cls = METHODS.get(entry.method)
-        method_cfg = build(method_cls.Config, entry.config, where=f"{where}.config")
+        method_cfg: Any = build(method_cls.Config, entry.config, where=f"{where}.config")
         own = _build_rewards(entry.rewards, f"{where}.rewards") if entry.rewards is not None else None
         _check_method_compatibility(method_cls, method_cfg, rewards if own is None else own, where)
-        if entry.eval_cfg < 1.0:
-            raise ConfigError(f"{where}.eval_cfg = {entry.eval_cfg}; must be >= 1 (1 = no guidance)")
         method_configs[entry.label] = method_cfg
     return method_configs
 
 
-def _check_loop(cfg: SuiteConfig) -> None:
-    """Seeds, batch geometry and evaluation settings."""
-    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
-        raise ConfigError(f"suite.seeds = {list(cfg.seeds)}; give distinct non-negative integers")
-    if cfg.eval.sampler not in SAMPLERS:
-        raise ConfigError(f"suite.eval.sampler = {cfg.eval.sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    for key in ("num_steps", "batch_size"):
-        if getattr(cfg.eval, key) < 1:
-            raise ConfigError(f"suite.eval.{key} must be >= 1, got {getattr(cfg.eval, key)}")
-    for key in ("prompts_per_iteration", "max_iterations", "checkpoint_every"):
-        if getattr(cfg.train, key) < 1:
-            raise ConfigError(f"suite.train.{key} must be >= 1, got {getattr(cfg.train, key)}")
-    if cfg.train.images_per_prompt < 2:
-        raise ConfigError(f"suite.train.images_per_prompt = {cfg.train.images_per_prompt}; groups need >= 2 images")
+def _guided_variants(cfg: SuiteConfig, method_configs: Mapping[str, Any]) -> list[GuidedVariant]:
+    """Each variant's guidance settings, as the FLUX checks read them (method classes declare their CFG fields)."""
+    from methods import METHODS
+
+    return [
+        GuidedVariant(where=f"suite.methods[{i}]", label=entry.label, config=method_configs[entry.label],
+                      guidance_fields=METHODS.get(entry.method).capabilities.guidance_fields, eval_cfg=entry.eval_cfg)
+        for i, entry in enumerate(cfg.methods)
+    ]  # fmt: skip
 
 
 def _check_registered(registry: Any, key: str, where: str) -> None:
@@ -329,18 +343,20 @@ def _check_registered(registry: Any, key: str, where: str) -> None:
 
 
 def _check_method_compatibility(method_cls: Any, method_cfg: Any, rewards: Mapping[str, Any], where: str) -> None:
-    """Choices the config types cannot express: solver vs log-probs, differentiable rewards."""
-    sampler_name = getattr(method_cfg, "sampler", None)
-    if sampler_name is not None:
+    """What the method's declared capabilities need: a registered (stochastic) sampler, differentiable rewards."""
+    capabilities = method_cls.capabilities
+    if capabilities.sampler_field is not None:
+        key = f"{where}.config.{capabilities.sampler_field}"
+        sampler_name = getattr(method_cfg, capabilities.sampler_field)
         if sampler_name not in SAMPLERS:
-            raise ConfigError(f"{where}.config.sampler = {sampler_name!r}; allowed: {', '.join(SAMPLERS)}")
-        if method_cls.needs_log_prob and not make_sampler(sampler_name).stochastic:
+            raise ConfigError(f"{key} = {sampler_name!r}; allowed: {', '.join(SAMPLERS)}")
+        if capabilities.needs_log_prob and not SAMPLERS[sampler_name].stochastic:
             stochastic = [name for name, cls in SAMPLERS.items() if cls.stochastic]
             raise ConfigError(
-                f"{where}.config.sampler = {sampler_name!r} is deterministic, but {method_cls.__name__} needs "
+                f"{key} = {sampler_name!r} is deterministic, but {method_cls.__name__} needs "
                 f"transition log-probs; allowed: {', '.join(stochastic)}"
             )
-    if getattr(method_cls, "needs_differentiable_reward", False):
+    if capabilities.needs_differentiable_reward:
         plain = [key for key, reward in rewards.items() if not reward.spec.differentiable]
         if plain:
             raise ConfigError(

@@ -1,9 +1,11 @@
 """The ``model`` section of a suite: the tiny DiT, SD3 or FLUX with LoRA, checked without loading weights.
 
-:func:`check_model` fills in each kind's defaults and builds the policy config from ``model.options``
-(``SD3PolicyConfig``, ``FluxPolicyConfig``), naming the key and the fix on bad input; for FLUX,
-:func:`check_flux_methods` refuses true CFG and a left-out schedule shift once the methods are built.
-Only small JSON configs of a local pipeline folder are read; weights load when a cell starts.
+:class:`ModelSpec` is the section; :func:`check_model` fills in each kind's defaults and builds the policy
+config from ``model.options`` (``SD3PolicyConfig``, ``FluxPolicyConfig``), naming the key and the fix on bad
+input; for FLUX, :func:`check_flux_methods` refuses true CFG (each method's declared
+``capabilities.guidance_fields``) and a left-out schedule shift once the methods are built. Only small JSON
+configs of a local pipeline folder are read; weights load when a cell starts. :mod:`harness.suite` imports
+this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -13,17 +15,38 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from harness.config import ConfigError, build
 
-if TYPE_CHECKING:
-    from harness.suite import ModelSpec, SuiteConfig
-
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    kind: Literal["tiny_dit", "sd3", "flux"] = "tiny_dit"
+    # tiny_dit: a checkpoint folder (None: the shapes benchmark's committed base); sd3 / flux: a diffusers
+    # pipeline folder or hub id (None: stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev).
+    # Weights load when a cell starts.
+    checkpoint: str | None = None
+    finetune: Literal["full", "lora"] | None = None  # None: the kind's only mode (tiny_dit full, sd3/flux lora)
+    # sd3: fields of SD3PolicyConfig (lora: SD3LoRAConfig); flux: of FluxPolicyConfig (lora: FluxLoRAConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"  # sd3/flux: auto (cuda if available, else cpu), cpu, cuda or cuda:N; tiny DiT: the CPU
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuidedVariant:
+    """What the FLUX checks read of one suite variant: its method config's guidance fields and its eval CFG."""
+
+    where: str  # e.g. suite.methods[0]
+    label: str
+    config: Any  # the method's Config instance
+    guidance_fields: tuple[str, ...]  # the method's capabilities.guidance_fields (true-CFG scales; 1.0: off)
+    eval_cfg: float
 
 
 def resolve_device(name: str) -> str:
@@ -116,7 +139,6 @@ FLUX_DEV_SCHEDULER: dict[str, Any] = {
 }  # fmt: skip
 FLUX_DEV_VAE_SCALE = 8
 SHIFT_RTOL = 0.01  # a schedule shift within 1% of the pipeline's counts as the pipeline's (1.88 for 1.8776)
-CFG_FIELDS = ("guidance_scale", "rollout_cfg", "train_cfg")  # method config fields that set true CFG
 
 
 @dataclass(frozen=True)
@@ -206,51 +228,53 @@ def _check_flux(model: ModelSpec) -> tuple[ModelSpec, Any]:
     return model, cfg
 
 
-def check_flux_methods(cfg: SuiteConfig, method_configs: Mapping[str, Any], model_config: Any) -> None:
+def check_flux_methods(
+    model: ModelSpec, model_config: Any, variants: Sequence[GuidedVariant], eval_shift: float
+) -> None:
     """FLUX.1 is guidance-distilled: no true CFG anywhere; and the schedule shifts against FluxPipeline's.
 
-    Every CFG field (:data:`CFG_FIELDS`) of a method config and every ``eval_cfg`` must be 1. A method's
-    ``shift`` or ``eval.shift`` of 1 (the default: unshifted) where the pipeline's shift at this resolution
-    is another is refused, as a shift left unset; any other difference beyond :data:`SHIFT_RTOL` is a
-    deliberate choice (DanceGRPO samples FLUX with shift 3) and is logged as a warning.
+    Every guidance field a method declares (``capabilities.guidance_fields``) and every ``eval_cfg`` must
+    be 1. A method's ``shift`` or ``eval.shift`` of 1 (the default: unshifted) where the pipeline's shift at
+    this resolution is another is refused, as a shift left unset; any other difference beyond
+    :data:`SHIFT_RTOL` is a deliberate choice (DanceGRPO samples FLUX with shift 3) and is logged as a warning.
     """
-    guidance = f"suite.model.options.guidance ({model_config.guidance})"
-    for i, entry in enumerate(cfg.methods):
-        method_cfg = method_configs[entry.label]
-        for key in CFG_FIELDS:
-            value = getattr(method_cfg, key, 1.0)
-            if value != 1.0:
-                raise ConfigError(
-                    f"suite.methods[{i}].config.{key} = {value:g} ({entry.label}): FLUX.1 is guidance-distilled "
-                    f"(FluxPolicy.supports_cfg is False), so true CFG is refused; it takes its distilled guidance "
-                    f"through {guidance}. Set {key}: 1.0, as FlowGRPO's FLUX configs (cfg 1)"
-                )
-        if entry.eval_cfg != 1.0:
-            raise ConfigError(
-                f"suite.methods[{i}].eval_cfg = {entry.eval_cfg:g} ({entry.label}): FLUX.1 is guidance-distilled "
-                f"(FluxPolicy.supports_cfg is False), so true CFG is refused; it evaluates at the distilled "
-                f"guidance of {guidance}. Set eval_cfg: 1.0, as FlowGRPO's FLUX configs (cfg 1)"
-            )
-    assert cfg.model.checkpoint is not None  # filled in by _check_flux
-    expected = expected_flux_shift(cfg.model.checkpoint, model_config.resolution)
+    for variant in variants:
+        _refuse_true_cfg(variant, f"suite.model.options.guidance ({model_config.guidance})")
+    assert model.checkpoint is not None  # filled in by _check_flux
+    expected = expected_flux_shift(model.checkpoint, model_config.resolution)
     if expected is None:
-        log.info("%s: its schedule shift is unknown before loading; shifts are not checked", cfg.model.checkpoint)
+        log.info("%s: its schedule shift is unknown before loading; shifts are not checked", model.checkpoint)
         return
-    shifts = {}
-    for i, entry in enumerate(cfg.methods):
-        if hasattr(method_configs[entry.label], "shift"):
-            shifts[f"suite.methods[{i}].config.shift"] = method_configs[entry.label].shift
-    shifts["suite.eval.shift"] = cfg.eval.shift
+    shifts = {f"{v.where}.config.shift": v.config.shift for v in variants if hasattr(v.config, "shift")}
+    shifts["suite.eval.shift"] = eval_shift
     for key, shift in shifts.items():
         if math.isclose(shift, expected, rel_tol=SHIFT_RTOL):
             continue
-        where = f"{key} = {shift:g}, but FluxPipeline samples {cfg.model.checkpoint} at {model_config.resolution} px"
+        where = f"{key} = {shift:g}, but FluxPipeline samples {model.checkpoint} at {model_config.resolution} px"
         if shift == 1.0:
             raise ConfigError(
                 f"{where} with shift {expected:.4g} (its resolution-dependent e^mu, FluxPolicy.schedule_shift); "
                 f"1 is the unshifted default: set shift: {expected:.4g} (docs/flux.md, 'Running a suite on FLUX')"
             )
         log.warning("%s with shift %.4g: it samples FLUX on another schedule than its pipeline", where, expected)
+
+
+def _refuse_true_cfg(variant: GuidedVariant, guidance: str) -> None:
+    """FLUX takes its distilled guidance through ``guidance``: every true-CFG scale of ``variant`` must be 1."""
+    for key in variant.guidance_fields:
+        value = getattr(variant.config, key)
+        if value != 1.0:
+            raise ConfigError(
+                f"{variant.where}.config.{key} = {value:g} ({variant.label}): FLUX.1 is guidance-distilled "
+                f"(FluxPolicy.supports_cfg is False), so true CFG is refused; it takes its distilled guidance "
+                f"through {guidance}. Set {key}: 1.0, as FlowGRPO's FLUX configs (cfg 1)"
+            )
+    if variant.eval_cfg != 1.0:
+        raise ConfigError(
+            f"{variant.where}.eval_cfg = {variant.eval_cfg:g} ({variant.label}): FLUX.1 is guidance-distilled "
+            f"(FluxPolicy.supports_cfg is False), so true CFG is refused; it evaluates at the distilled "
+            f"guidance of {guidance}. Set eval_cfg: 1.0, as FlowGRPO's FLUX configs (cfg 1)"
+        )
 
 
 def _check_device(device: str) -> None:

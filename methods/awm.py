@@ -40,6 +40,7 @@ sample of a micro-batch, each with its own noise.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -47,14 +48,23 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages
 from harness.optim import Optimization
-from harness.policy import Policy, iter_batches
-from harness.samplers import flow_schedule, make_sampler
-from methods.base import Rollout, optimizer_chunks
+from harness.policy import Policy, WeightSet, iter_batches
+from harness.samplers import SAMPLERS, flow_schedule, make_sampler, noised
+from harness.types import Prompt
+from harness.validation import (
+    check_at_least,
+    check_fraction,
+    check_literals,
+    check_non_negative,
+    check_positive,
+    check_unit_interval,
+)
+from methods.base import Capabilities, Rollout
 from methods.flow_grpo import grpo_loss
-from methods.forward_process import collect_clean, flow_matching_error, noised
+from methods.forward_process import collect_clean, flow_matching_error
 
 Weighting = Literal["uniform", "t", "t2", "huber", "ghuber"]
 WEIGHTINGS: tuple[Weighting, ...] = ("uniform", "t", "t2", "huber", "ghuber")
@@ -84,6 +94,22 @@ class AWMConfig:
     optimizer_steps_per_iteration: int = 1
     train_batch_size: int = 64
     ema_interval: int = 1
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_positive(self, "ghuber_power", "adv_clip_max", "advantage_max", "clip_range", "shift", "guidance_scale")
+        check_non_negative(self, "kl_coef", "ema_kl_coef")
+        check_unit_interval(self, "ema_decay_max")
+        check_at_least(self, 2, "num_steps")
+        check_at_least(self, 1, "train_timesteps", "optimizer_steps_per_iteration", "train_batch_size", "ema_interval")
+        check_fraction(self, "timestep_fraction")
+        if int(self.num_steps * self.timestep_fraction) < 1:
+            raise ValueError(
+                f"int(num_steps·timestep_fraction) must be >= 1, got num_steps={self.num_steps}, "
+                f"timestep_fraction={self.timestep_fraction}"
+            )
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
 
 
 def awm_log_prob(fm_error: Tensor, t: Tensor, weighting: Weighting = "ghuber", power: float = 0.25) -> Tensor:
@@ -157,26 +183,18 @@ class AWM:
     """Advantage Weighted Matching on the common interface (see the module docstring)."""
 
     Config: ClassVar[type] = AWMConfig
-    needs_log_prob: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities(guidance_fields=("guidance_scale",), sampler_field="sampler")
 
     def __init__(self, cfg: AWMConfig, policy: Policy, optim: Optimization) -> None:
-        if cfg.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {cfg.weighting!r}")
-        if cfg.num_steps < 2 or int(cfg.num_steps * cfg.timestep_fraction) < 1 or cfg.timestep_fraction > 1:
-            raise ValueError(
-                f"need num_steps >= 2 and 1 <= int(num_steps·timestep_fraction) with timestep_fraction <= 1, got "
-                f"{cfg.num_steps}, {cfg.timestep_fraction}"
-            )
-        if cfg.train_timesteps < 1:
-            raise ValueError(f"train_timesteps must be >= 1, got {cfg.train_timesteps}")
-        ema_decay(0, cfg.ema_decay_max, cfg.ema_decay_type)  # validates the type
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = make_sampler(cfg.sampler)
         self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        self._chunk_seeds: list[int] = []
+        self._old_log_probs: dict[tuple[int, int], Tensor] = {}
         policy.update_old(0.0)  # the EMA anchor starts as θ
 
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
-        weights = "old" if self.cfg.off_policy else "train"
+        weights: WeightSet = "old" if self.cfg.off_policy else "train"
         return collect_clean(self.policy, self.sampler, self.schedule, prompts, group_ids, generator,
                              guidance_scale=self.cfg.guidance_scale, weights=weights)  # fmt: skip
 
@@ -187,7 +205,7 @@ class AWM:
         bounds = torch.linspace(1, top, cfg.train_timesteps + 1).long()
         lower, upper = bounds[:-1], bounds[1:]
         index = lower + (torch.rand(cfg.train_timesteps, generator=generator) * (upper - lower)).long()
-        return self.schedule[index]  # index ∈ [1, top − 1] ⊆ [1, num_steps − 1] (fraction ≤ 1 checked in __init__)
+        return self.schedule[index]  # index ∈ [1, top − 1] ⊆ [1, num_steps − 1] (fraction ≤ 1 checked in the config)
 
     def _terms(self, rollout: Rollout, sel: Tensor, t: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
         """Surrogate log-likelihood (B,) and velocity of the active weights at (x_t, t)."""
@@ -199,8 +217,8 @@ class AWM:
     def _chunk_draws(self, chunk: Tensor, seed: int, shape: torch.Size) -> list[tuple[Tensor, Tensor, Tensor]]:
         """(sel, times (K,), noise (K, b, …)) per micro-batch of ``chunk``, from a generator seeded with ``seed``.
 
-        Drawn lazily per optimizer step's chunk, and identically on every call, so the old
-        log-likelihoods (taken before the update) and the training pass see the same (t, ε).
+        Drawn identically on every call, so the old log-likelihoods (taken before the update) and the
+        training pass see the same (t, ε).
         """
         cfg, chunk_generator = self.cfg, torch.Generator().manual_seed(seed)
         draws = []
@@ -211,63 +229,74 @@ class AWM:
             draws.append((sel, times, noise))
         return draws
 
-    def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
-        cfg, policy = self.cfg, self.policy
-        advantages = awm_advantages(rewards, rollout.all_group_ids, std=cfg.std, adv_clip_max=cfg.adv_clip_max,
-                                    advantage_max=cfg.advantage_max)  # fmt: skip
-        advantages = rollout.mine(advantages)
-        order = torch.arange(len(advantages))
-        chunks = optimizer_chunks(order, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared)
-        # Each chunk's (t, ε) come from its own generator seeded from ``generator`` (see _chunk_draws).
-        chunk_seeds = torch.randint(0, 2**62, (len(chunks),), generator=generator).tolist()
+    def _old_log_likelihoods(self, rollout: Rollout, chunks: list[Tensor], generator: torch.Generator) -> None:
+        """Each chunk's seed, then the old log-likelihoods of every pass, taken before this update's first step.
 
-        # On-policy, the first step's old log-likelihood is θ's own (ρ ≡ 1, no extra pass); later
-        # steps compare with θ before this update; off-policy, with the EMA (official).
-        old_log_probs: dict[tuple[int, int], Tensor] = {}
-        with torch.no_grad(), policy.use_weights("old" if cfg.off_policy else "train"):
-            for c in range(len(chunks)):
+        On-policy, the first step's old log-likelihood is θ's own (ρ ≡ 1, no extra pass); later steps compare
+        with θ before this update; off-policy, with the EMA (official).
+        """
+        cfg = self.cfg
+        self._chunk_seeds = torch.randint(0, 2**62, (len(chunks),), generator=generator).tolist()
+        self._old_log_probs = {}
+        with torch.no_grad(), self.policy.use_weights("old" if cfg.off_policy else "train"):
+            for c, chunk in enumerate(chunks):
                 if c == 0 and not cfg.off_policy:
                     continue
                 for b, (sel, times, noise) in enumerate(
-                    self._chunk_draws(chunks[c], chunk_seeds[c], rollout.x0.shape[1:])
+                    self._chunk_draws(chunk, self._chunk_seeds[c], rollout.x0.shape[1:])
                 ):
-                    old_log_probs[c, b] = torch.stack(
+                    self._old_log_probs[c, b] = torch.stack(
                         [self._terms(rollout, sel, times[k], noise[k])[0] for k in range(cfg.train_timesteps)]
                     )
-        stats = {"policy_loss": 0.0, "kl": 0.0, "ema_kl": 0.0, "clipfrac": 0.0}
-        logs: dict[str, float] = {}
-        for c in range(len(chunks)):
-            batches = self._chunk_draws(chunks[c], chunk_seeds[c], rollout.x0.shape[1:])
-            passes = len(batches) * cfg.train_timesteps
-            for k in range(cfg.train_timesteps):
-                for b, (sel, times, noise) in enumerate(batches):
-                    log_prob, v_theta = self._terms(rollout, sel, times[k], noise[k])
-                    old = old_log_probs[c, b][k] if (c, b) in old_log_probs else log_prob.detach()
-                    kl = ema_kl = None
-                    if cfg.kl_coef > 0:
-                        with torch.no_grad(), policy.use_weights("ref"):
-                            kl = _mean_sq(v_theta, self._terms(rollout, sel, times[k], noise[k])[1])
-                    # deviation: the official code adds the EMA-KL only inside its ``beta > 0`` branch; here it
-                    # applies with kl_coef == 0 too (Flow-Factory's EMA-KL-only recipe).
-                    if cfg.ema_kl_coef > 0:
-                        with torch.no_grad(), policy.use_weights("old"):
-                            ema_kl = _mean_sq(v_theta, self._terms(rollout, sel, times[k], noise[k])[1])
-                    loss = awm_loss(log_prob, old, advantages[sel], clip_range=cfg.clip_range, kl=kl,
-                                    kl_coef=cfg.kl_coef, ema_kl=ema_kl, ema_kl_coef=cfg.ema_kl_coef)  # fmt: skip
-                    self.optim.backward(loss, scale=1.0 / passes)
-                    scale = 1.0 / passes / len(chunks)
-                    ratio = torch.exp(log_prob.detach() - old)
-                    regular = (cfg.kl_coef * kl.mean().item() if kl is not None else 0.0) + (
-                        cfg.ema_kl_coef * ema_kl.mean().item() if ema_kl is not None else 0.0
-                    )
-                    stats["policy_loss"] += (loss.item() - regular) * scale
-                    stats["kl"] += (kl.mean().item() if kl is not None else 0.0) * scale
-                    stats["ema_kl"] += (ema_kl.mean().item() if ema_kl is not None else 0.0) * scale
-                    stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().mean().item() * scale
-            logs["train/grad_norm"] = self.optim.step()
+
+    def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
+        cfg = self.cfg
+        advantages = awm_advantages(rewards, rollout.all_group_ids, std=cfg.std, adv_clip_max=cfg.adv_clip_max,
+                                    advantage_max=cfg.advantage_max)  # fmt: skip
+        advantages = rollout.mine(advantages)
+        shape = rollout.x0.shape[1:]
+        logs = accumulate(
+            self.optim, torch.arange(len(advantages)), functools.partial(self._loss, rollout, advantages),
+            generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration, batch_size=cfg.train_batch_size,
+            repeats=cfg.train_timesteps, pad=rollout.shared, equal_passes=rollout.equal_passes,
+            on_chunks=lambda chunks, g: self._old_log_likelihoods(rollout, chunks, g),
+            on_chunk=lambda c, chunk, _: self._chunk_draws(chunk, self._chunk_seeds[c], shape),
+        )  # fmt: skip
         decay = ema_decay(self.optim.global_step, cfg.ema_decay_max, cfg.ema_decay_type)
-        policy.update_old(decay)
-        logs.update({f"train/{k}": v for k, v in stats.items()})
+        self.policy.update_old(decay)
         logs["train/ema_decay"] = decay
         logs["train/advantage_abs_mean"] = advantages.abs().mean().item()
         return logs
+
+    def _loss(self, rollout: Rollout, advantages: Tensor, batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """AWM's loss of one micro-batch at its ``batch.repeat``-th training time (a filler: its own draws)."""
+        cfg, policy, k = self.cfg, self.policy, batch.repeat
+        if batch.filler:
+            sel, times = batch.items, self.training_times(batch.generator)
+            noise = torch.randn((cfg.train_timesteps, 1, *rollout.x0.shape[1:]), generator=batch.generator)
+        else:
+            sel, times, noise = batch.chunk_state[batch.index]
+        log_prob, v_theta = self._terms(rollout, sel, times[k], noise[k])
+        stored = self._old_log_probs.get((batch.chunk, batch.index))
+        old = stored[k] if stored is not None and not batch.filler else log_prob.detach()
+        kl = ema_kl = None
+        if cfg.kl_coef > 0:
+            with torch.no_grad(), policy.use_weights("ref"):
+                kl = _mean_sq(v_theta, self._terms(rollout, sel, times[k], noise[k])[1])
+        # deviation: the official code adds the EMA-KL only inside its ``beta > 0`` branch; here it
+        # applies with kl_coef == 0 too (Flow-Factory's EMA-KL-only recipe).
+        if cfg.ema_kl_coef > 0:
+            with torch.no_grad(), policy.use_weights("old"):
+                ema_kl = _mean_sq(v_theta, self._terms(rollout, sel, times[k], noise[k])[1])
+        loss = awm_loss(log_prob, old, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef,
+                        ema_kl=ema_kl, ema_kl_coef=cfg.ema_kl_coef)  # fmt: skip
+        zero = torch.zeros((), dtype=torch.float64)
+        kl_mean = kl.mean() if kl is not None else zero
+        ema_kl_mean = ema_kl.mean() if ema_kl is not None else zero
+        ratio = torch.exp(log_prob.detach() - old)
+        return loss, {
+            "policy_loss": loss.detach() - cfg.kl_coef * kl_mean - cfg.ema_kl_coef * ema_kl_mean,
+            "kl": kl_mean,
+            "ema_kl": ema_kl_mean,
+            "clipfrac": ((ratio - 1).abs() > cfg.clip_range).float().mean(),
+        }

@@ -19,10 +19,10 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, iter_batches
+from harness.policy import Cond, Policy
 from harness.rollout import Trajectory
+from harness.types import Prompt
 
 
 @dataclass(frozen=True)
@@ -68,55 +68,28 @@ class Rollout:
         return torch.tensor([local[int(p)] for p in positions.tolist() if int(p) in local], dtype=torch.long)
 
 
-def optimizer_chunks(indices: Tensor, steps: int, generator: torch.Generator, *, pad: bool = False) -> list[Tensor]:
-    """Split sample indices into ``steps`` near-equal chunks, one per optimizer step.
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What a method needs from the harness, declared once on its class and read by the harness.
 
-    With more than one step the indices are shuffled first (one ``randperm`` from ``generator``), as the
-    official codes do; with one step they stay in order and nothing is drawn. Fewer indices than steps
-    give fewer chunks, unless ``pad``: then empty chunks make up exactly ``steps``, as several processes
-    need (each optimizer step averages gradients over all of them, so all must take the same number).
+    Suites, the trainer, FSDP checks and the contract tests read these fields (never probe the class
+    by reflection), so a new method is one file plus one registry line.
     """
-    if steps < 1:
-        raise ValueError(f"optimizer steps per iteration must be >= 1, got {steps}")
-    if steps > 1:
-        indices = indices[torch.randperm(len(indices), generator=generator)]
-    chunks = [indices[s] for s in iter_batches(len(indices), max(1, -(-len(indices) // steps)))]
-    return chunks + [indices[:0]] * (steps - len(chunks)) if pad else chunks
 
-
-FILLER = torch.tensor([0])  # the local sample a filler pass computes on (its loss is scaled by 0)
-
-
-def micro_batches(rollout: Rollout, chunk: Tensor, batch_size: int) -> list[Tensor | None]:
-    """The micro-batches (sample indices) of one optimizer step's ``chunk``, in order.
-
-    Where every process must run the same passes (FSDP: each forward all-gathers parameters), the list
-    is padded with ``None`` to the most micro-batches any process has, since a method that keeps only
-    some samples (FlowGRPO's non-zero-std groups, RAFT's best) can leave one process fewer. The
-    caller runs each ``None`` as a filler: the same passes on :data:`FILLER` with its loss scaled by
-    0 and a throwaway generator, left out of its logs. The compute meter counts filler passes.
-    """
-    batches = [chunk[b] for b in iter_batches(len(chunk), batch_size)]
-    if rollout.equal_passes is None:
-        return batches
-    return batches + [None] * (rollout.equal_passes(len(batches)) - len(batches))
-
-
-def filler_generator() -> torch.Generator:
-    """The random draws of a filler pass, kept apart so that the real passes' draws do not depend on fillers."""
-    return torch.Generator().manual_seed(0)
+    needs_log_prob: bool = False  # trains on a stochastic sampler's transition log-probs (coupled methods)
+    needs_differentiable_reward: bool = False  # __init__ takes the training reward and backpropagates through it
+    needs_whole_groups: bool = False  # each prompt's samples must sit on one process (online DPO's pairs)
+    trains_on_subset: bool = False  # trains on a reward-chosen subset: FSDP pads its micro-batches with fillers
+    fsdp: bool = True  # checked to run the same passes on every process under FSDP
+    guidance_fields: tuple[str, ...] = ()  # config fields that set a true-CFG scale (1.0: off)
+    sampler_field: str | None = None  # the config field naming a registered sampler, if the method has one
 
 
 class Method(Protocol):
     """An online RL method for flow models."""
 
-    Config: ClassVar[type]  # frozen dataclass defined in the method's file
-    needs_log_prob: ClassVar[bool]  # True: needs a stochastic sampler's transition log-probs
-    # Optional, False when absent: the method backpropagates through the reward, so its __init__ takes a
-    # fourth argument, the (differentiable) training reward, and the harness refuses any other reward.
-    # needs_differentiable_reward: ClassVar[bool]
-    # Optional, False when absent: each prompt's samples must sit on one process (online DPO's pairs).
-    # needs_whole_groups: ClassVar[bool]
+    Config: ClassVar[type]  # frozen dataclass defined in the method's file; validates itself in __post_init__
+    capabilities: ClassVar[Capabilities]  # what the harness must provide and check (see Capabilities)
 
     def __init__(self, cfg: Any, policy: Policy, optim: Optimization) -> None:
         """``policy`` is the harness's counting wrapper; ``optim`` owns AdamW, clipping and the EMA."""

@@ -29,6 +29,7 @@ schedule; type 0: η = 0), and an EMA of θ is what evaluation uses (the harness
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -36,13 +37,15 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages
 from harness.optim import Optimization
-from harness.policy import Policy, iter_batches
+from harness.policy import Policy
 from harness.rollout import rollout
-from harness.samplers import flow_schedule, make_sampler
-from methods.base import Rollout, optimizer_chunks
+from harness.samplers import SAMPLERS, flow_schedule, make_sampler, noised
+from harness.types import Prompt
+from harness.validation import check_at_least, check_fraction, check_literals, check_non_negative, check_positive
+from methods.base import Capabilities, Rollout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +68,20 @@ class DiffusionNFTConfig:
     train_batch_size: int = 64
     ema_interval: int = 1
     negative_branch: bool = True  # False: the positive-only ablation, loss r·L⁺ only
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_positive(self, "beta", "adv_clip_max", "shift", "guidance_scale")
+        check_non_negative(self, "kl_coef")
+        check_at_least(self, 1, "num_steps", "optimizer_steps_per_iteration", "train_batch_size", "ema_interval")
+        check_fraction(self, "timestep_fraction")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+
+    @property
+    def times_per_sample(self) -> int:
+        """K: training times per sample and optimizer step, ``int(N·timestep_fraction)`` of the N steps (≥ 1)."""
+        return max(1, int(self.num_steps * self.timestep_fraction))
 
 
 POSITIVE_ONLY = DiffusionNFTConfig(negative_branch=False)  # DiffusionNFT's positive-only ablation
@@ -156,11 +173,9 @@ class DiffusionNFT:
     """DiffusionNFT on the common interface (see the module docstring)."""
 
     Config: ClassVar[type] = DiffusionNFTConfig
-    needs_log_prob: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities(guidance_fields=("guidance_scale",), sampler_field="sampler")
 
     def __init__(self, cfg: DiffusionNFTConfig, policy: Policy, optim: Optimization) -> None:
-        if not cfg.beta > 0:
-            raise ValueError(f"beta must be > 0, got {cfg.beta}")
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = make_sampler(cfg.sampler)
         self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
@@ -178,9 +193,8 @@ class DiffusionNFT:
 
     def training_times(self, batch: int, generator: torch.Generator) -> Tensor:
         """(batch, K) training times per sample (official: the schedule minus one random step)."""
-        cfg = self.cfg
+        cfg, keep = self.cfg, self.cfg.times_per_sample
         steps = self.schedule[:-1]  # the N sampling times, t = 1 … t_{N−1}; never t = 0
-        keep = max(1, int(len(steps) * cfg.timestep_fraction))
         if cfg.timesteps == "schedule":
             order = torch.stack([torch.randperm(len(steps), generator=generator)[:keep] for _ in range(batch)])
             return steps[order]
@@ -189,36 +203,33 @@ class DiffusionNFT:
         return torch.sigmoid(torch.randn(batch, keep, generator=generator))
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
-        cfg, policy = self.cfg, self.policy
+        cfg = self.cfg
         r = rollout.mine(optimality_probability(rewards, rollout.all_group_ids, cfg.adv_clip_max, cfg.std))
         logs: dict[str, float] = {"train/r_mean": r.mean().item()}
-        # Samples shuffled across optimizer steps when there are several, as the official code.
-        order = torch.arange(rollout.x0.shape[0])
-        for idx in optimizer_chunks(order, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared):
-            times = self.training_times(len(idx), generator)  # (b, K)
-            passes = len(list(iter_batches(len(idx), cfg.train_batch_size))) * times.shape[1]
-            total, total_kl = 0.0, 0.0
-            for k in range(times.shape[1]):
-                for batch in iter_batches(len(idx), cfg.train_batch_size):
-                    sel = idx[batch]
-                    x0, t = rollout.x0[sel], times[batch, k]
-                    noise = torch.randn(x0.shape, generator=generator)
-                    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-                    cond = rollout.cond[sel]
-                    with torch.no_grad(), policy.use_weights("old"):
-                        v_old = policy.velocity(x_t, t, cond)
-                    v_theta = policy.velocity(x_t, t, cond)
-                    with torch.no_grad(), policy.use_weights("ref"):
-                        v_ref = policy.velocity(x_t, t, cond)
-                    loss = nft_loss(v_theta, v_old, v_ref, x0, x_t, t, r[sel], beta=cfg.beta, kl_coef=cfg.kl_coef,
-                                    adv_clip_max=cfg.adv_clip_max, loss_space=cfg.loss_space,
-                                    negative_branch=cfg.negative_branch)  # fmt: skip
-                    self.optim.backward(loss, scale=1.0 / passes)
-                    total += loss.item() / passes
-                    total_kl += ((v_theta.detach() - v_ref) ** 2).mean().item() / passes
-            logs["train/grad_norm"] = self.optim.step()
-            logs["train/loss"], logs["train/kl"] = total, total_kl
+        # Each optimizer step's chunk draws its samples' K training times first (official order), then the passes.
+        logs |= accumulate(self.optim, torch.arange(rollout.x0.shape[0]), functools.partial(self._loss, rollout, r),
+                           generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,
+                           batch_size=cfg.train_batch_size, repeats=cfg.times_per_sample, pad=rollout.shared,
+                           equal_passes=rollout.equal_passes,
+                           on_chunk=lambda _, chunk, g: self.training_times(len(chunk), g))  # fmt: skip
         eta = soft_update_eta(self.optim.global_step, cfg.decay_type)
-        policy.update_old(eta)
+        self.policy.update_old(eta)
         logs["train/eta"] = eta
         return logs
+
+    def _loss(self, rollout: Rollout, r: Tensor, batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The NFT loss of one micro-batch at its samples' ``batch.repeat``-th training time."""
+        cfg, policy, sel = self.cfg, self.policy, batch.items
+        times = self.training_times(1, batch.generator) if batch.filler else batch.chunk_state
+        x0, t = rollout.x0[sel], times[batch.positions, batch.repeat]
+        x_t = noised(x0, torch.randn(x0.shape, generator=batch.generator), t)
+        cond = rollout.cond[sel]
+        with torch.no_grad(), policy.use_weights("old"):
+            v_old = policy.velocity(x_t, t, cond)
+        v_theta = policy.velocity(x_t, t, cond)
+        with torch.no_grad(), policy.use_weights("ref"):
+            v_ref = policy.velocity(x_t, t, cond)
+        loss = nft_loss(v_theta, v_old, v_ref, x0, x_t, t, r[sel], beta=cfg.beta, kl_coef=cfg.kl_coef,
+                        adv_clip_max=cfg.adv_clip_max, loss_space=cfg.loss_space,
+                        negative_branch=cfg.negative_branch)  # fmt: skip
+        return loss, {"loss": loss.detach(), "kl": ((v_theta.detach() - v_ref) ** 2).mean()}

@@ -35,6 +35,7 @@ reward); they are in the wall-clock time of the training phase.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -42,14 +43,14 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, iter_batches
+from harness.policy import Cond, Policy
 from harness.rollout import Trajectory, rollout
-from harness.samplers import flow_schedule, make_sampler
-from methods.base import Rollout, optimizer_chunks
-from methods.forward_process import noised
-from rewards.base import Reward, check_scores
+from harness.samplers import flow_schedule, make_sampler, noised
+from harness.types import Prompt, Reward, check_scores
+from harness.validation import check_at_least, check_finite, check_literals, check_positive
+from methods.base import Capabilities, Rollout
 
 Truncation = Literal["last_k", "random_step"]
 RewardLoss = Literal["negative", "refl_relu"]
@@ -80,10 +81,11 @@ class DRaFTConfig:
                 f"sampler = {self.sampler!r}: DRaFT/ReFL re-run their last steps from stored states, which only the "
                 "single-step Euler ODE can do without solver history; use sampler: euler (DDIM eta=0)"
             )
-        if self.truncation not in ("last_k", "random_step"):
-            raise ValueError(f"truncation must be 'last_k' or 'random_step', got {self.truncation!r}")
-        if self.loss not in ("negative", "refl_relu"):
-            raise ValueError(f"loss must be 'negative' or 'refl_relu', got {self.loss!r}")
+        check_literals(self)
+        check_at_least(self, 1, "num_steps", "train_batch_size", "optimizer_steps_per_iteration", "ema_interval")
+        check_positive(self, "loss_scale", "shift", "guidance_scale")
+        check_at_least(self, 0, "lv_samples")
+        check_finite(self, "refl_margin")
         if not 1 <= self.last_k <= self.num_steps:
             raise ValueError(f"last_k must be in [1, num_steps={self.num_steps}], got {self.last_k}")
         if self.lv_samples < 0 or (self.lv_samples and (self.last_k != 1 or self.truncation != "last_k")):
@@ -94,8 +96,6 @@ class DRaFTConfig:
                 f"refl_step_range = {self.refl_step_range} must satisfy 0 <= lo < hi <= 1 and hold at least one "
                 f"of the {self.num_steps} steps"
             )
-        if self.train_batch_size < 1 or self.optimizer_steps_per_iteration < 1:
-            raise ValueError("train_batch_size and optimizer_steps_per_iteration must be >= 1")
 
     def refl_steps(self) -> tuple[int, int]:
         """ReFL's stop steps as indices ``[first, last)`` into the sampling schedule (40 steps: 30..39)."""
@@ -126,10 +126,12 @@ class DRaFT:
     """DRaFT-K, DRaFT-LV and ReFL on the common interface (see the module docstring)."""
 
     Config: ClassVar[type] = DRaFTConfig
-    needs_log_prob: ClassVar[bool] = False
-    needs_differentiable_reward: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        needs_differentiable_reward=True, guidance_fields=("guidance_scale",), sampler_field="sampler"
+    )
 
     def __init__(self, cfg: DRaFTConfig, policy: Policy, optim: Optimization, reward: Reward) -> None:
+        """``reward`` is the training reward (``capabilities.needs_differentiable_reward``); it must be differentiable."""
         if not reward.spec.differentiable:
             raise ValueError(
                 f"DRaFT backpropagates through the reward, but {reward.spec.name!r} is not differentiable "
@@ -181,21 +183,17 @@ class DRaFT:
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg = self.cfg
-        order = torch.arange(len(rollout.prompts))
-        chunks = optimizer_chunks(order, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared)
-        logs: dict[str, float] = {"train/loss": 0.0, "train/reward_rerun": 0.0, "train/first_grad_step": 0.0}
-        for chunk in chunks:
-            for batch in iter_batches(len(chunk), cfg.train_batch_size):
-                sel = chunk[batch]
-                x0_hat, rows, step = self._regenerate(rollout, sel, generator)
-                prompts = [rollout.prompts[i] for i in rows.tolist()]
-                images = self.policy.decode(x0_hat)
-                scores = check_scores(self.reward.spec.name, self.reward(images, prompts), len(rows))
-                loss = cfg.loss_scale * reward_loss(scores, cfg.loss, cfg.refl_margin)
-                share = len(sel) / len(chunk)  # this micro-batch's part of the step's mean
-                self.optim.backward(loss, scale=share)
-                logs["train/loss"] += loss.item() * share / len(chunks)
-                logs["train/reward_rerun"] += scores.detach().mean().item() * share / len(chunks)
-                logs["train/first_grad_step"] += step * share / len(chunks)  # ReFL: the mean random stop step
-            logs["train/grad_norm"] = self.optim.step()
-        return logs
+        return accumulate(self.optim, torch.arange(len(rollout.prompts)), functools.partial(self._loss, rollout),
+                          generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,
+                          batch_size=cfg.train_batch_size, pad=rollout.shared,
+                          equal_passes=rollout.equal_passes)  # fmt: skip
+
+    def _loss(self, rollout: Rollout, batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
+        """Re-run the gradient steps of one micro-batch, decode, score with the training reward: the reward loss."""
+        cfg = self.cfg
+        x0_hat, rows, step = self._regenerate(rollout, batch.items, batch.generator)
+        prompts = [rollout.prompts[i] for i in rows.tolist()]
+        scores = check_scores(self.reward.spec.name, self.reward(self.policy.decode(x0_hat), prompts), len(rows))
+        loss = cfg.loss_scale * reward_loss(scores, cfg.loss, cfg.refl_margin)
+        # first_grad_step: the step the gradient starts at (ReFL: the mean of its random stop steps)
+        return loss, {"loss": loss.detach(), "reward_rerun": scores.detach().mean(), "first_grad_step": float(step)}

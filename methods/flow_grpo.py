@@ -13,12 +13,13 @@ code. Training covers every SDE transition but the last (``timestep_fraction = 0
 set separately for the rollout, the training log-prob and evaluation (official: 4.5, empty-string
 negative prompt).
 
-This module re-exports :func:`harness.samplers.flow_sde_step`, the sampler step with log-prob
-that rollouts and the loss share.
+Rollouts and the loss share one sampler step, :class:`harness.samplers.FlowSDE`; gradients accumulate
+through the shared inner loop :func:`harness.accumulate.accumulate`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,15 +28,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages, zero_std_groups
 from harness.optim import Optimization
-from harness.policy import Policy, guided_velocity
-from harness.rollout import rollout
-from harness.samplers import FlowSDE, flow_schedule, flow_sde_step
-from methods.base import FILLER, Rollout, micro_batches, optimizer_chunks
+from harness.policy import Cond, Policy, guided_velocity
+from harness.rollout import Trajectory, rollout
+from harness.samplers import FlowSDE, Transition, flow_schedule
+from harness.types import Prompt
+from harness.validation import check_at_least, check_fraction, check_literals, check_non_negative, check_positive
+from methods.base import Capabilities, Rollout
 
-__all__ = ["FlowGRPO", "FlowGRPOConfig", "flow_sde_step", "gaussian_kl_mean", "grpo_loss", "optimizer_chunks"]
+__all__ = ["FlowGRPO", "FlowGRPOConfig", "gaussian_kl_mean", "grpo_logs", "grpo_loss"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,15 @@ class FlowGRPOConfig:
     train_batch_size: int = 64
     ema_interval: int = 8
     check_on_policy: bool = False  # debug: assert the first ratio of each collection is 1
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_non_negative(self, "noise_level", "kl_coef")
+        check_positive(self, "clip_range", "adv_clip_max", "rollout_cfg", "train_cfg", "shift")
+        check_at_least(self, 1, "num_steps", "optimizer_steps_per_iteration", "train_batch_size", "ema_interval")
+        check_fraction(self, "timestep_fraction")
+        if self.check_on_policy and self.rollout_cfg != self.train_cfg:
+            raise ValueError("check_on_policy needs rollout_cfg == train_cfg (otherwise the first ratio is never 1)")
 
 
 def grpo_loss(
@@ -82,6 +94,20 @@ def grpo_loss(
     return loss
 
 
+def grpo_logs(
+    loss: Tensor, log_prob: Tensor, old_log_prob: Tensor, kl: Tensor | None, *, kl_coef: float, clip_range: float
+) -> dict[str, Tensor]:
+    """The diagnostics of one GRPO pass: policy loss (KL term removed), KL, approx. KL (k2) and clip fraction."""
+    kl_mean = kl.detach().mean() if kl is not None else torch.zeros(())
+    delta = log_prob.detach() - old_log_prob
+    return {
+        "policy_loss": loss.detach() - kl_coef * kl_mean,
+        "kl": kl_mean,
+        "approx_kl": 0.5 * (delta**2).mean(),  # http://joschu.net/blog/kl-approx.html
+        "clipfrac": ((torch.exp(delta) - 1).abs() > clip_range).float().mean(),
+    }
+
+
 def gaussian_kl_mean(mean: Tensor, mean_ref: Tensor, sigma: Tensor) -> Tensor:
     """FlowGRPO's per-sample KL ``mean_dims(μ_θ − μ_ref)² / (2σ²)``, (B,) (official ``train_sd3.py``).
 
@@ -96,19 +122,20 @@ class FlowGRPO:
     """FlowGRPO on the common interface (see the module docstring)."""
 
     Config: ClassVar[type] = FlowGRPOConfig
-    needs_log_prob: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        needs_log_prob=True, trains_on_subset=True, guidance_fields=("rollout_cfg", "train_cfg")
+    )
 
     def __init__(self, cfg: FlowGRPOConfig, policy: Policy, optim: Optimization) -> None:
         if cfg.rollout_cfg != cfg.train_cfg:
             # Allowed for study, but the ratio then compares two different policies: never 1 on-policy.
             log.warning("rollout_cfg %s != train_cfg %s: the first ratio will not be 1", cfg.rollout_cfg, cfg.train_cfg)
-            if cfg.check_on_policy:
-                raise ValueError("check_on_policy needs rollout_cfg == train_cfg")
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = FlowSDE(cfg.noise_level)
         self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        self._first_check = False  # check_on_policy: the next real pass checks its ratio
 
-    def _uncond(self, n: int):
+    def _uncond(self, n: int) -> Cond | None:
         return self.policy.encode([""] * n) if self.cfg.rollout_cfg != 1.0 else None
 
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
@@ -119,18 +146,18 @@ class FlowGRPO:
                              uncond=self._uncond(len(texts)), generator=generator, keep_trajectory=True)  # fmt: skip
         return Rollout(list(prompts), group_ids, cond, trajectory.x0, trajectory)
 
-    def _step_terms(self, latents: Tensor, sel: Tensor, j: int, cond, uncond) -> tuple[Tensor, Tensor, Tensor]:
-        """Log-prob under θ of stored transition j, its mean, and σ_t (without sqrt(−dt))."""
+    def _replay(
+        self, latents: Tensor, sel: Tensor, j: int, cond: Cond, uncond: Cond | None
+    ) -> tuple[Tensor, Transition]:
+        """Log-prob under the active weights of stored transition j, and the transition (its mean and σ_t)."""
         x, x_next = latents[sel, j], latents[sel, j + 1]
         t = self.schedule[j].expand(len(sel))
         v = guided_velocity(self.policy, x, t, cond, uncond, self.cfg.train_cfg)
-        _, log_prob, mean, std_dev_t = flow_sde_step(v, x, self.schedule[j], self.schedule[j + 1],
-                                                     noise_level=self.cfg.noise_level, prev_sample=x_next)  # fmt: skip
-        return log_prob, mean, std_dev_t
+        transition = self.sampler.step(v, x, self.schedule[j], self.schedule[j + 1])
+        return self.sampler.log_prob(x_next, transition), transition
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
-        cfg, policy = self.cfg, self.policy
-        trajectory = rollout.trajectory
+        cfg, trajectory = self.cfg, rollout.trajectory
         if trajectory is None or trajectory.log_probs is None or trajectory.latents is None:
             raise ValueError("FlowGRPO needs rollouts with latents and log-probs (a stochastic sampler)")
         advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std).clamp(
@@ -143,44 +170,31 @@ class FlowGRPO:
         if dropped.all():
             logs["train/skipped"] = 1.0  # every group had all-equal rewards: no signal, no step
             return logs
-        n_train = max(1, int(cfg.num_steps * cfg.timestep_fraction))
-        chunks = optimizer_chunks(keep, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared)
-        stats = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
-        first_check = cfg.check_on_policy
-        for chunk in chunks:
-            batches = micro_batches(rollout, chunk, cfg.train_batch_size)
-            passes = n_train * sum(batch is not None for batch in batches)
-            for j in range(n_train):
-                for batch in batches:
-                    sel = FILLER if batch is None else batch
-                    cond = rollout.cond[sel]
-                    uncond = self._uncond(len(sel))
-                    log_prob, mean, std_dev_t = self._step_terms(trajectory.latents, sel, j, cond, uncond)
-                    old_log_prob = trajectory.log_probs[sel, j]
-                    ratio = torch.exp(log_prob.detach() - old_log_prob)
-                    if first_check and batch is not None:
-                        if not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5):
-                            raise AssertionError(
-                                f"on-policy check: first ratio deviates from 1 by {(ratio - 1).abs().max():.2e}"
-                            )
-                        first_check = False
-                    kl = None
-                    if cfg.kl_coef > 0:
-                        with torch.no_grad(), policy.use_weights("ref"):
-                            _, mean_ref, _ = self._step_terms(trajectory.latents, sel, j, cond, uncond)
-                        kl = gaussian_kl_mean(mean, mean_ref, std_dev_t)
-                    loss = grpo_loss(
-                        log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef
-                    )
-                    self.optim.backward(loss, scale=0.0 if batch is None else 1.0 / passes)
-                    if batch is None:  # a filler pass (micro_batches): the same passes, nothing learned or logged
-                        continue
-                    stats["policy_loss"] += (
-                        loss.item() - (cfg.kl_coef * kl.mean().item() if kl is not None else 0.0)
-                    ) / passes
-                    stats["kl"] += (kl.mean().item() if kl is not None else 0.0) / passes
-                    stats["approx_kl"] += 0.5 * ((log_prob.detach() - old_log_prob) ** 2).mean().item() / passes
-                    stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().mean().item() / passes
-            logs["train/grad_norm"] = self.optim.step()
-        logs.update({f"train/{k}": v / len(chunks) for k, v in stats.items()})
+        self._first_check = cfg.check_on_policy
+        loss_fn = functools.partial(self._loss, trajectory, rollout.cond, advantages)
+        logs |= accumulate(self.optim, keep, loss_fn, generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,
+                           batch_size=cfg.train_batch_size, repeats=max(1, int(cfg.num_steps * cfg.timestep_fraction)),
+                           pad=rollout.shared, equal_passes=rollout.equal_passes)  # fmt: skip
         return logs
+
+    def _loss(
+        self, trajectory: Trajectory, cond_all: Cond, advantages: Tensor, batch: MicroBatch
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """GRPO loss of one micro-batch at training transition ``batch.repeat`` (repeats: the trained steps)."""
+        cfg, sel, j = self.cfg, batch.items, batch.repeat
+        assert trajectory.latents is not None and trajectory.log_probs is not None
+        cond, uncond = cond_all[sel], self._uncond(len(sel))
+        log_prob, transition = self._replay(trajectory.latents, sel, j, cond, uncond)
+        old_log_prob = trajectory.log_probs[sel, j]
+        ratio = torch.exp(log_prob.detach() - old_log_prob)
+        if self._first_check and not batch.filler:
+            if not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5):
+                raise AssertionError(f"on-policy check: first ratio deviates from 1 by {(ratio - 1).abs().max():.2e}")
+            self._first_check = False
+        kl = None
+        if cfg.kl_coef > 0:
+            with torch.no_grad(), self.policy.use_weights("ref"):
+                _, reference = self._replay(trajectory.latents, sel, j, cond, uncond)
+            kl = gaussian_kl_mean(transition.mean, reference.mean, transition.sigma)
+        loss = grpo_loss(log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef)
+        return loss, grpo_logs(loss, log_prob, old_log_prob, kl, kl_coef=cfg.kl_coef, clip_range=cfg.clip_range)

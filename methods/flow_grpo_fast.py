@@ -6,7 +6,8 @@ Per sampling call one window start is drawn uniformly, ``start ∈ [lo, hi − w
 (the official code keeps its sampling batch equal to its training batch, FAQ: batch-size
 invariance), each with its own window, so one collection mixes windows. Steps
 ``[start, start + w)`` use the stochastic sampler (Flow-SDE, Eq. 9, or CPS) and every other step
-the deterministic Euler ODE (the SDE at noise level 0). Only the window's latents and log-probs
+the deterministic Euler ODE (the SDE at noise level 0): the shared rollout with a
+:class:`harness.rollout.Window`. Only the window's latents and log-probs
 are stored, and only its ``w`` transitions are trained, with FlowGRPO's clipped-ratio loss
 (:func:`methods.flow_grpo.grpo_loss`, Eq. 4–5) and group-relative advantages; groups whose
 rewards are all equal are dropped, as FlowGRPO does.
@@ -22,13 +23,13 @@ restricted to a window of 2 (the original Fast form's ``train_num_steps=2``), as
 CPS log-probs follow the official code (``−mean((x_next − μ)²)``, no 1/(2s²)), so CPS clip ranges
 do not transfer to the Flow-SDE (see :class:`harness.samplers.CPS`). The KL (when β_KL > 0) is
 FlowGRPO's :func:`methods.flow_grpo.gaussian_kl_mean`, ``mean_dims(μ_θ − μ_ref)²/(2σ²)``, with σ
-the Flow-SDE's σ_t (without sqrt(−dt)) or CPS's step std s. The window rollout is written here
-(the shared :func:`harness.rollout.rollout` has no window); it reuses the shared sampler steps and
-guidance, and counts through the same meter.
+the Flow-SDE's σ_t (without sqrt(−dt)) or CPS's step std s.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -36,14 +37,28 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages, zero_std_groups
 from harness.optim import Optimization
 from harness.policy import Cond, Policy, guided_velocity, iter_batches
-from harness.rollout import Trajectory
-from harness.samplers import CPS, EulerODE, flow_schedule, flow_sde_step
-from methods.base import FILLER, Rollout, micro_batches, optimizer_chunks
-from methods.flow_grpo import gaussian_kl_mean, grpo_loss
+from harness.rollout import Trajectory, Window, rollout
+from harness.samplers import Transition, flow_schedule, make_sampler
+from harness.types import Prompt
+from harness.validation import check_at_least, check_literals, check_non_negative, check_positive
+from methods.base import Capabilities, Rollout
+from methods.flow_grpo import gaussian_kl_mean, grpo_logs, grpo_loss
+
+
+def check_window(num_steps: int, size: int, window_range: tuple[int, int]) -> None:
+    """A window of ``size`` steps fits in ``window_range = (lo, hi)`` within the steps before the last."""
+    lo, hi = window_range
+    if size < 1:
+        raise ValueError(f"sde_window_size must be >= 1 (0 is plain FlowGRPO), got {size}")
+    if not 0 <= lo <= hi - size or hi > num_steps - 1:
+        # The last step (to t = 0) stays deterministic, as FlowGRPO never trains it.
+        raise ValueError(
+            f"a window of {size} must fit in sde_window_range {window_range} within steps [0, {num_steps - 1})"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +81,14 @@ class FlowGRPOFastConfig:
     train_batch_size: int = 64
     ema_interval: int = 8
 
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_non_negative(self, "noise_level", "kl_coef")
+        check_positive(self, "clip_range", "adv_clip_max", "rollout_cfg", "train_cfg", "shift")
+        check_at_least(self, 1, "num_steps", "optimizer_steps_per_iteration", "train_batch_size", "ema_interval")
+        check_at_least(self, 1, "sde_window_size")
+        check_window(self.num_steps, self.sde_window_size, self.sde_window_range)
+
 
 NOCFG_RECIPE = FlowGRPOFastConfig()  # official geneval/pickscore_sd3_fast_nocfg
 # Composed here, not an official recipe: FlowGRPO's CFG settings on a window of 2 (module docstring).
@@ -75,88 +98,29 @@ WITH_CFG = FlowGRPOFastConfig(sde_type="flow_sde", noise_level=0.7, sde_window_s
 
 def draw_window_start(num_steps: int, size: int, window_range: tuple[int, int], generator: torch.Generator) -> int:
     """``start ~ U{lo, …, hi − w}`` (official ``sde_window_range``), after checking the window fits."""
+    check_window(num_steps, size, window_range)
     lo, hi = window_range
-    if size < 1:
-        raise ValueError(f"sde_window_size must be >= 1 (0 is plain FlowGRPO), got {size}")
-    if not 0 <= lo <= hi - size or hi > num_steps - 1:
-        # The last step (to t = 0) stays deterministic, as FlowGRPO never trains it.
-        raise ValueError(
-            f"a window of {size} must fit in sde_window_range {window_range} within steps [0, {num_steps - 1})"
-        )
     return int(torch.randint(lo, hi - size + 1, (1,), generator=generator))
-
-
-def window_step(
-    sde_type: str, noise_level: float, v: Tensor, x: Tensor, t: Tensor, t_next: Tensor, x_next: Tensor | None,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """One stochastic window step: ``(x_next, log_prob, mean, σ)`` in the sampler's log-prob convention.
-
-    Flow-SDE: :func:`harness.samplers.flow_sde_step` (σ = σ_t without sqrt(−dt), as FlowGRPO's KL);
-    CPS: :class:`harness.samplers.CPS` (σ = its step std s). ``x_next`` given: its log-prob (training).
-    """
-    if sde_type == "flow_sde":
-        return flow_sde_step(v, x, t, t_next, noise_level=noise_level, prev_sample=x_next, generator=generator)
-    if sde_type == "cps":
-        sampler = CPS(noise_level)
-        if x_next is None:
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
-            transition = sampler.step(v, x, t, t_next, noise=noise)
-            x_next = transition.x_next
-        else:
-            transition = sampler.step(v, x, t, t_next, noise=torch.zeros_like(x, dtype=torch.float32))
-        return x_next, sampler.log_prob(x_next, transition), transition.mean, transition.std
-    raise ValueError(f"sde_type must be 'flow_sde' or 'cps', got {sde_type!r}")
-
-
-@torch.no_grad()
-def window_rollout(
-    policy: Policy, cfg: FlowGRPOFastConfig, schedule: Tensor, cond: Cond, uncond: Cond | None, noise: Tensor,
-    start: int, generator: torch.Generator,
-) -> Trajectory:  # fmt: skip
-    """Euler ODE outside ``[start, start + w)``, the SDE inside; keeps only the window's latents and log-probs.
-
-    The returned trajectory's ``timesteps`` are each sample's ``w + 1`` window times, (B, w+1) (per
-    sample, not the (K+1,) of a full trajectory, since a collection's chunks have their own windows),
-    ``latents`` (B, w+1, ...) and ``log_probs`` (B, w).
-    """
-    x, ode = noise, EulerODE()
-    end = start + cfg.sde_window_size
-    latents, log_probs = [], []
-    for k in range(len(schedule) - 1):
-        t, t_next = schedule[k], schedule[k + 1]
-        v = guided_velocity(policy, x, t.expand(x.shape[0]), cond, uncond, cfg.rollout_cfg)
-        if start <= k < end:
-            latents.append(x)
-            x_next, log_prob, _, _ = window_step(cfg.sde_type, cfg.noise_level, v, x, t, t_next, None, generator)
-            log_probs.append(log_prob)
-        else:
-            x_next = ode.step(v, x, t, t_next).x_next
-        x = x_next.to(noise.dtype)
-        if k == end - 1:
-            latents.append(x)
-    times = schedule[start : end + 1].expand(x.shape[0], -1)
-    return Trajectory(x0=x, timesteps=times, latents=torch.stack(latents, dim=1),
-                      log_probs=torch.stack(log_probs, dim=1))  # fmt: skip
 
 
 class FlowGRPOFast:
     """FlowGRPO-Fast on the common interface (see the module docstring)."""
 
     Config: ClassVar[type] = FlowGRPOFastConfig
-    needs_log_prob: ClassVar[bool] = True
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        needs_log_prob=True, trains_on_subset=True, guidance_fields=("rollout_cfg", "train_cfg")
+    )
 
     def __init__(self, cfg: FlowGRPOFastConfig, policy: Policy, optim: Optimization) -> None:
-        if cfg.sde_type not in ("flow_sde", "cps"):
-            raise ValueError(f"sde_type must be 'flow_sde' or 'cps', got {cfg.sde_type!r}")
-        draw_window_start(cfg.num_steps, cfg.sde_window_size, cfg.sde_window_range, torch.Generator())  # validates
         self.cfg, self.policy, self.optim = cfg, policy, optim
+        self.sampler = make_sampler(cfg.sde_type, cfg.noise_level)  # the window's stochastic step
         self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
 
     def _uncond(self, n: int, scale: float) -> Cond | None:
         return self.policy.encode([""] * n) if scale != 1.0 else None
 
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
+        """One window per sampling call of ``train_batch_size`` images; per-sample window times (B, w + 1)."""
         cfg = self.cfg
         texts = [p.text for p in prompts]
         noise = torch.randn((len(texts), *self.policy.sample_shape), generator=generator)
@@ -165,12 +129,11 @@ class FlowGRPOFast:
         parts = []
         for chunk in iter_batches(len(texts), cfg.train_batch_size):  # one sampling call, one window
             start = draw_window_start(cfg.num_steps, cfg.sde_window_size, cfg.sde_window_range, generator)
-            chunk_uncond = None if uncond is None else uncond[chunk]
-            parts.append(
-                window_rollout(
-                    self.policy, cfg, self.schedule, cond[chunk], chunk_uncond, noise[chunk], start, generator
-                )
-            )
+            part = rollout(self.policy, self.sampler, cond[chunk], noise[chunk], self.schedule,
+                           guidance_scale=cfg.rollout_cfg, uncond=None if uncond is None else uncond[chunk],
+                           generator=generator, keep_trajectory=True,
+                           window=Window(start, cfg.sde_window_size))  # fmt: skip
+            parts.append(dataclasses.replace(part, timesteps=part.timesteps.expand(part.x0.shape[0], -1)))
         trajectory = Trajectory(
             x0=torch.cat([p.x0 for p in parts]),
             timesteps=torch.cat([p.timesteps for p in parts]),
@@ -179,17 +142,18 @@ class FlowGRPOFast:
         )
         return Rollout(list(prompts), group_ids, cond, trajectory.x0, trajectory)
 
-    def _step_terms(self, trajectory: Trajectory, sel: Tensor, j: int, cond: Cond) -> tuple[Tensor, Tensor, Tensor]:
-        """Log-prob under the active weights of stored window transition j, its mean and σ."""
+    def _replay(self, trajectory: Trajectory, sel: Tensor, j: int, cond: Cond) -> tuple[Tensor, Transition]:
+        """Log-prob under the active weights of stored window transition j, and the transition (mean, σ)."""
+        assert trajectory.latents is not None
         x, x_next = trajectory.latents[sel, j], trajectory.latents[sel, j + 1]
         t, t_next = trajectory.timesteps[sel, j], trajectory.timesteps[sel, j + 1]  # (b,): windows differ by chunk
-        v = guided_velocity(self.policy, x, t, cond, self._uncond(len(sel), self.cfg.train_cfg),
-                            self.cfg.train_cfg)  # fmt: skip
-        _, log_prob, mean, sigma = window_step(self.cfg.sde_type, self.cfg.noise_level, v, x, t, t_next, x_next)
-        return log_prob, mean, sigma
+        uncond = self._uncond(len(sel), self.cfg.train_cfg)
+        v = guided_velocity(self.policy, x, t, cond, uncond, self.cfg.train_cfg)
+        transition = self.sampler.step(v, x, t, t_next)
+        return self.sampler.log_prob(x_next, transition), transition
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
-        cfg, policy, trajectory = self.cfg, self.policy, rollout.trajectory
+        cfg, trajectory = self.cfg, rollout.trajectory
         if trajectory is None or trajectory.latents is None or trajectory.log_probs is None:
             raise ValueError("FlowGRPOFast needs the window trajectory from its own collect")
         advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std).clamp(-cfg.adv_clip_max,
@@ -205,35 +169,25 @@ class FlowGRPOFast:
         if dropped.all():
             logs["train/skipped"] = 1.0  # every group had all-equal rewards: no signal, no step
             return logs
-        chunks = optimizer_chunks(keep, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared)
-        n_train = trajectory.log_probs.shape[1]
-        stats = {"policy_loss": 0.0, "kl": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
-        for chunk in chunks:
-            batches = micro_batches(rollout, chunk, cfg.train_batch_size)
-            passes = n_train * sum(batch is not None for batch in batches)
-            for j in range(n_train):
-                for batch in batches:
-                    sel = FILLER if batch is None else batch
-                    cond = rollout.cond[sel]
-                    log_prob, mean, sigma = self._step_terms(trajectory, sel, j, cond)
-                    old_log_prob = trajectory.log_probs[sel, j]
-                    kl = None
-                    if cfg.kl_coef > 0:
-                        with torch.no_grad(), policy.use_weights("ref"):
-                            _, mean_ref, _ = self._step_terms(trajectory, sel, j, cond)
-                        kl = gaussian_kl_mean(mean, mean_ref, sigma)
-                    loss = grpo_loss(log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl,
-                                     kl_coef=cfg.kl_coef)  # fmt: skip
-                    self.optim.backward(loss, scale=0.0 if batch is None else 1.0 / passes)
-                    if batch is None:  # a filler pass (micro_batches): the same passes, nothing learned or logged
-                        continue
-                    ratio = torch.exp(log_prob.detach() - old_log_prob)
-                    scale = 1.0 / passes / len(chunks)
-                    kl_value = kl.mean().item() if kl is not None else 0.0
-                    stats["policy_loss"] += (loss.item() - cfg.kl_coef * kl_value) * scale
-                    stats["kl"] += kl_value * scale
-                    stats["approx_kl"] += 0.5 * ((log_prob.detach() - old_log_prob) ** 2).mean().item() * scale
-                    stats["clipfrac"] += ((ratio - 1).abs() > cfg.clip_range).float().mean().item() * scale
-            logs["train/grad_norm"] = self.optim.step()
-        logs.update({f"train/{k}": v for k, v in stats.items()})
+        logs |= accumulate(self.optim, keep, functools.partial(self._loss, trajectory, rollout.cond, advantages),
+                           generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,
+                           batch_size=cfg.train_batch_size, repeats=trajectory.log_probs.shape[1], pad=rollout.shared,
+                           equal_passes=rollout.equal_passes)  # fmt: skip
         return logs
+
+    def _loss(
+        self, trajectory: Trajectory, cond_all: Cond, advantages: Tensor, batch: MicroBatch
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """GRPO loss of one micro-batch at window transition ``batch.repeat``."""
+        cfg, sel, j = self.cfg, batch.items, batch.repeat
+        assert trajectory.log_probs is not None
+        cond = cond_all[sel]
+        log_prob, transition = self._replay(trajectory, sel, j, cond)
+        old_log_prob = trajectory.log_probs[sel, j]
+        kl = None
+        if cfg.kl_coef > 0:
+            with torch.no_grad(), self.policy.use_weights("ref"):
+                _, reference = self._replay(trajectory, sel, j, cond)
+            kl = gaussian_kl_mean(transition.mean, reference.mean, transition.sigma)
+        loss = grpo_loss(log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef)
+        return loss, grpo_logs(loss, log_prob, old_log_prob, kl, kl_coef=cfg.kl_coef, clip_range=cfg.clip_range)

@@ -17,20 +17,14 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
 from harness.policy import Policy, WeightSet
 from harness.rollout import rollout
-from harness.samplers import SAMPLERS, Sampler, flow_schedule, make_sampler
-from methods.base import FILLER, Rollout, filler_generator, micro_batches, optimizer_chunks
-
-
-def noised(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """``x_t = (1 − t)·x0 + t·ε`` for a (B,) time, rectified-flow forward process."""
-    if t.ndim != 1 or t.shape[0] != x0.shape[0]:
-        raise ValueError(f"t must have shape (B,) = ({x0.shape[0]},), got {tuple(t.shape)}")
-    t_ = t.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    return (1 - t_) * x0 + t_ * noise
+from harness.samplers import SAMPLERS, Sampler, flow_schedule, make_sampler, noised
+from harness.types import Prompt
+from harness.validation import check_at_least, check_fraction, check_non_negative, check_positive
+from methods.base import Rollout
 
 
 def flow_matching_error(v: Tensor, x0: Tensor, noise: Tensor) -> Tensor:
@@ -54,6 +48,12 @@ def logit_normal_times(n: int, generator: torch.Generator, shift: float = 1.0) -
     """
     u = torch.sigmoid(torch.randn(n, generator=generator))
     return shift * u / (1 + (shift - 1) * u)
+
+
+def check_sampler(name: str) -> None:
+    """``name`` is a registered sampler (config validation)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
 
 
 def make_collection_sampler(name: str, noise_level: float) -> Sampler:
@@ -115,56 +115,58 @@ def train_weighted_flow_matching(
 ) -> dict[str, float]:
     """Minimise ``mean_i w_i·ℓ_θ(x_t^i)`` over the samples ``indices`` (weights aligned with them).
 
-    Each sample is trained at ``draws_per_sample`` fresh (t, ε) draws, t logit-normal, all
-    accumulated into ``optimizer_steps`` steps (samples shuffled across steps when more than one),
-    as FlowGRPO's SFT/DPO scripts accumulate over samples and their timestep draws. Each
-    micro-batch's mean is scaled by its share of the step's samples, so the accumulated gradient
-    is exactly that of the plain mean over (sample, draw), whatever the batch split (a smaller last
-    batch is not over-weighted). Returns the weighted loss and the unweighted FM error averaged
-    over (sample, draw), and the last grad norm.
+    Each sample is trained at ``draws_per_sample`` fresh (t, ε) draws, t logit-normal, all accumulated
+    into ``optimizer_steps`` steps through the shared loop (:func:`harness.accumulate.accumulate`), as
+    FlowGRPO's SFT/DPO scripts accumulate over samples and their timestep draws. Returns the weighted loss
+    and the unweighted FM error averaged over (sample, draw), and the grad norm.
     """
-    if draws_per_sample < 1 or optimizer_steps < 1:
-        raise ValueError(
-            f"draws_per_sample and optimizer_steps must be >= 1, got {draws_per_sample}, {optimizer_steps}"
-        )
     if weights.shape != indices.shape:
         raise ValueError(f"weights {tuple(weights.shape)} must align with indices {tuple(indices.shape)}")
-    chunks = optimizer_chunks(torch.arange(len(indices)), optimizer_steps, generator, pad=rollout_.shared)
-    logs = {"train/loss": 0.0, "train/fm_error": 0.0}
-    for chunk in chunks:
-        batches = micro_batches(rollout_, chunk, train_batch_size)
-        for _ in range(draws_per_sample):
-            for local in batches:
-                filler = local is None  # (micro_batches): the same passes, nothing learned or logged
-                sel = FILLER if filler else indices[local]
-                draws_from = filler_generator() if filler else generator
-                x0 = rollout_.x0[sel]
-                t = logit_normal_times(len(sel), draws_from, shift)
-                noise = torch.randn(x0.shape, generator=draws_from)
-                v_theta = policy.velocity(noised(x0, noise, t), t, rollout_.cond[sel])
-                loss = weighted_flow_matching_loss(v_theta, x0, noise, torch.zeros(1) if filler else weights[local])
-                # this batch's part of the step's mean (a filler's: none)
-                share = 0.0 if filler else len(sel) / (len(chunk) * draws_per_sample)
-                optim.backward(loss, scale=share)
-                logs["train/loss"] += loss.item() * share / len(chunks)
-                error = flow_matching_error(v_theta.detach(), x0, noise).mean().item()
-                logs["train/fm_error"] += error * share / len(chunks)
-        logs["train/grad_norm"] = optim.step()
-    return logs
+
+    def loss_fn(batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        sel = batch.items if batch.filler else indices[batch.items]  # a filler computes on local sample 0
+        x0 = rollout_.x0[sel]
+        t = logit_normal_times(len(sel), batch.generator, shift)
+        noise = torch.randn(x0.shape, generator=batch.generator)
+        v_theta = policy.velocity(noised(x0, noise, t), t, rollout_.cond[sel])
+        loss = weighted_flow_matching_loss(v_theta, x0, noise, torch.zeros(1) if batch.filler else weights[batch.items])
+        return loss, {"loss": loss.detach(), "fm_error": flow_matching_error(v_theta.detach(), x0, noise).mean()}
+
+    return accumulate(optim, torch.arange(len(indices)), loss_fn, generator=generator, optimizer_steps=optimizer_steps,
+                      batch_size=train_batch_size, repeats=draws_per_sample, pad=rollout_.shared,
+                      equal_passes=rollout_.equal_passes)  # fmt: skip
 
 
 class FlowMatchingSettings(Protocol):
     """The config fields :class:`RefreshedFlowMatching` reads (RAFTConfig and RWRConfig both have them)."""
 
-    sampler: str
-    noise_level: float
-    num_steps: int
-    shift: float
-    guidance_scale: float
-    timestep_fraction: float
-    sample_refresh_interval: int
-    optimizer_steps_per_iteration: int
-    train_batch_size: int
+    @property
+    def sampler(self) -> str: ...
+    @property
+    def noise_level(self) -> float: ...
+    @property
+    def num_steps(self) -> int: ...
+    @property
+    def shift(self) -> float: ...
+    @property
+    def guidance_scale(self) -> float: ...
+    @property
+    def timestep_fraction(self) -> float: ...
+    @property
+    def sample_refresh_interval(self) -> int: ...
+    @property
+    def optimizer_steps_per_iteration(self) -> int: ...
+    @property
+    def train_batch_size(self) -> int: ...
+
+
+def check_flow_matching_settings(cfg: FlowMatchingSettings) -> None:
+    """The value checks RAFT's and Flow-RWR's configs share (their ``__post_init__``)."""
+    check_sampler(cfg.sampler)
+    check_non_negative(cfg, "noise_level")
+    check_positive(cfg, "shift", "guidance_scale")
+    check_at_least(cfg, 1, "num_steps", "sample_refresh_interval", "optimizer_steps_per_iteration", "train_batch_size")
+    check_fraction(cfg, "timestep_fraction")
 
 
 class RefreshedFlowMatching:
@@ -176,8 +178,6 @@ class RefreshedFlowMatching:
     """
 
     def __init__(self, cfg: FlowMatchingSettings, policy: Policy, optim: Optimization) -> None:
-        if cfg.sample_refresh_interval < 1:
-            raise ValueError(f"sample_refresh_interval must be >= 1, got {cfg.sample_refresh_interval}")
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = make_collection_sampler(cfg.sampler, cfg.noise_level)
         self.schedule = flow_schedule(cfg.num_steps, cfg.shift)

@@ -30,6 +30,7 @@ sample; ``drop_tied_groups=True`` skips such groups instead.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -38,19 +39,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
 from harness.policy import Cond, Policy
-from harness.samplers import flow_schedule
-from methods.base import FILLER, Rollout, filler_generator, micro_batches, optimizer_chunks
+from harness.samplers import flow_schedule, noised
+from harness.types import Prompt
+from harness.validation import check_at_least, check_fraction, check_literals, check_non_negative, check_positive
+from methods.base import Capabilities, Rollout
 from methods.forward_process import (
+    check_sampler,
     collect_clean,
     crossed_multiple,
     flow_matching_error,
     group_members,
     logit_normal_times,
     make_collection_sampler,
-    noised,
 )
 
 
@@ -71,6 +74,15 @@ class OnlineDPOConfig:
     optimizer_steps_per_iteration: int = 1
     train_batch_size: int = 32  # pairs per forward (2× samples)
     ema_interval: int = 8
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_sampler(self.sampler)
+        check_positive(self, "beta", "shift", "guidance_scale")
+        check_non_negative(self, "noise_level")
+        check_at_least(self, 1, "ref_update_step", "num_steps", "optimizer_steps_per_iteration", "train_batch_size",
+                       "ema_interval")  # fmt: skip
+        check_fraction(self, "timestep_fraction")
 
 
 def preference_pairs(rewards: Tensor, group_ids: Tensor, drop_tied_groups: bool = False) -> tuple[Tensor, Tensor]:
@@ -110,16 +122,11 @@ class OnlineDPO:
     """Online Flow-DPO on the common interface (see the module docstring)."""
 
     Config: ClassVar[type] = OnlineDPOConfig
-    needs_log_prob: ClassVar[bool] = False
-    needs_whole_groups: ClassVar[bool] = True  # a pair's two samples must be on one process
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        needs_whole_groups=True, trains_on_subset=True, guidance_fields=("guidance_scale",), sampler_field="sampler"
+    )
 
     def __init__(self, cfg: OnlineDPOConfig, policy: Policy, optim: Optimization) -> None:
-        if not cfg.beta > 0:
-            raise ValueError(f"beta must be > 0, got {cfg.beta}")
-        if cfg.reference not in ("old", "ref"):
-            raise ValueError(f"reference must be 'old' or 'ref', got {cfg.reference!r}")
-        if cfg.ref_update_step < 1:
-            raise ValueError(f"ref_update_step must be >= 1, got {cfg.ref_update_step}")
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = make_collection_sampler(cfg.sampler, cfg.noise_level)
         self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
@@ -142,6 +149,19 @@ class OnlineDPO:
             err_ref = flow_matching_error(self.policy.velocity(x_t, t2, cond2), x0, noise2)
         return err_theta[:n], err_theta[n:], err_ref[:n], err_ref[n:]
 
+    def _pair_loss(self, rollout: Rollout, winners: Tensor, losers: Tensor, batch: MicroBatch) -> tuple[Tensor, dict]:
+        """The DPO loss of one micro-batch of pairs at one fresh (t, ε) draw (a filler: local sample 0 twice)."""
+        w, l_ = (batch.items, batch.items) if batch.filler else (winners[batch.items], losers[batch.items])
+        errs = self._pair_errors(rollout.x0[w], rollout.x0[l_], rollout.cond[w], batch.generator)
+        loss = dpo_loss(*errs, beta=self.cfg.beta)
+        w_diff, l_diff = (errs[0] - errs[2]).detach(), (errs[1] - errs[3]).detach()
+        return loss, {
+            "loss": loss.detach(),
+            "implicit_acc": ((w_diff - l_diff) < 0).float().mean(),
+            "w_diff": w_diff.mean(),
+            "l_diff": l_diff.mean(),
+        }
+
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg = self.cfg
         winners, losers = preference_pairs(rewards, rollout.all_group_ids, cfg.drop_tied_groups)
@@ -151,32 +171,12 @@ class OnlineDPO:
             return logs
         logs["train/reward_margin"] = (rewards[winners] - rewards[losers]).mean().item()
         winners, losers = rollout.held(winners), rollout.held(losers)  # this process's pairs, local positions
-        draws = max(1, int(cfg.num_steps * cfg.timestep_fraction))
-        order = torch.arange(len(winners))
-        chunks = optimizer_chunks(order, cfg.optimizer_steps_per_iteration, generator, pad=rollout.shared)
-        stats = {"loss": 0.0, "implicit_acc": 0.0, "w_diff": 0.0, "l_diff": 0.0}
         step_before = self.optim.global_step
-        for chunk in chunks:
-            batches = micro_batches(rollout, chunk, cfg.train_batch_size)
-            passes = draws * sum(batch is not None for batch in batches)
-            for _ in range(draws):
-                for batch in batches:
-                    filler = batch is None  # (micro_batches): the same passes, nothing learned or logged
-                    w, l_ = (FILLER, FILLER) if filler else (winners[batch], losers[batch])
-                    draws_from = filler_generator() if filler else generator
-                    errs = self._pair_errors(rollout.x0[w], rollout.x0[l_], rollout.cond[w], draws_from)
-                    loss = dpo_loss(*errs, beta=cfg.beta)
-                    self.optim.backward(loss, scale=0.0 if filler else 1.0 / passes)
-                    if filler:
-                        continue
-                    w_diff, l_diff = (errs[0] - errs[2]).detach(), (errs[1] - errs[3]).detach()
-                    scale = 1.0 / passes / len(chunks)
-                    stats["loss"] += loss.item() * scale
-                    stats["implicit_acc"] += ((w_diff - l_diff) < 0).float().mean().item() * scale
-                    stats["w_diff"] += w_diff.mean().item() * scale
-                    stats["l_diff"] += l_diff.mean().item() * scale
-            logs["train/grad_norm"] = self.optim.step()
-        logs.update({f"train/{k}": v for k, v in stats.items()})
+        loss_fn = functools.partial(self._pair_loss, rollout, winners, losers)
+        logs |= accumulate(self.optim, torch.arange(len(winners)), loss_fn, generator=generator,
+                           optimizer_steps=cfg.optimizer_steps_per_iteration, batch_size=cfg.train_batch_size,
+                           repeats=max(1, int(cfg.num_steps * cfg.timestep_fraction)), pad=rollout.shared,
+                           equal_passes=rollout.equal_passes)  # fmt: skip
         refreshed = crossed_multiple(step_before, self.optim.global_step, cfg.ref_update_step)
         if refreshed:
             self.policy.update_old(0.0)

@@ -46,11 +46,12 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
 from harness.optim import Optimization
 from harness.policy import Policy
-from methods.base import Rollout
-from methods.forward_process import RefreshedFlowMatching, group_members
+from harness.types import Prompt
+from harness.validation import check_at_least, check_literals
+from methods.base import Capabilities, Rollout
+from methods.forward_process import RefreshedFlowMatching, check_flow_matching_settings, group_members
 
 Ties = Literal["all_tied", "exact_k"]
 
@@ -71,6 +72,11 @@ class RAFTConfig:
     optimizer_steps_per_iteration: int = 1
     train_batch_size: int = 64
     ema_interval: int = 8  # FlowGRPO SFT/DPO scripts: EMA decay 0.9 every 8 steps
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_flow_matching_settings(self)
+        check_at_least(self, 1, "top_k", "ema_interval")
 
 
 # FlowGRPO's official OnlineSFT setup (the notes' shared online baseline collection).
@@ -107,13 +113,11 @@ class RAFT:
     """RAFT / online rejection-sampling fine-tuning on the common interface (see the module docstring)."""
 
     Config: ClassVar[type] = RAFTConfig
-    needs_log_prob: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        trains_on_subset=True, guidance_fields=("guidance_scale",), sampler_field="sampler"
+    )
 
     def __init__(self, cfg: RAFTConfig, policy: Policy, optim: Optimization) -> None:
-        if cfg.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {cfg.top_k}")
-        if cfg.ties not in ("all_tied", "exact_k"):
-            raise ValueError(f"ties must be 'all_tied' or 'exact_k', got {cfg.ties!r}")
         self.cfg = cfg
         self.core = RefreshedFlowMatching(cfg, policy, optim)
 

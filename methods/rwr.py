@@ -37,11 +37,12 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
 from harness.optim import Optimization
 from harness.policy import Policy
-from methods.base import Rollout
-from methods.forward_process import RefreshedFlowMatching, group_members
+from harness.types import Prompt
+from harness.validation import check_at_least, check_literals, check_positive
+from methods.base import Capabilities, Rollout
+from methods.forward_process import RefreshedFlowMatching, check_flow_matching_settings, group_members
 
 Weights = Literal["raw", "softmax"]
 
@@ -62,6 +63,12 @@ class RWRConfig:
     optimizer_steps_per_iteration: int = 1
     train_batch_size: int = 64
     ema_interval: int = 8
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_flow_matching_settings(self)
+        check_positive(self, "temperature")
+        check_at_least(self, 1, "ema_interval")
 
 
 # FlowGRPO's official online Flow-RWR setup (the notes' shared online baseline collection).
@@ -100,13 +107,9 @@ class RWR:
     """Flow-RWR on the common interface (see the module docstring)."""
 
     Config: ClassVar[type] = RWRConfig
-    needs_log_prob: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities] = Capabilities(guidance_fields=("guidance_scale",), sampler_field="sampler")
 
     def __init__(self, cfg: RWRConfig, policy: Policy, optim: Optimization) -> None:
-        if cfg.weights not in ("raw", "softmax"):
-            raise ValueError(f"weights must be 'raw' or 'softmax', got {cfg.weights!r}")
-        if not cfg.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {cfg.temperature}")
         self.cfg = cfg
         self.core = RefreshedFlowMatching(cfg, policy, optim)
 

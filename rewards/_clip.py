@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.base import Prompt
-from rewards.base import RewardError, RewardSpec
+from harness.types import Prompt, RewardError, RewardSpec
 
 T = TypeVar("T")
 

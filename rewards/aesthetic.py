@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.types import Prompt, RewardError, RewardSpec
 from rewards._clip import (
     HFClip,
     PreferenceMLP,
@@ -34,7 +34,6 @@ from rewards._clip import (
     resolve_dtype,
     resolve_file,
 )
-from rewards.base import RewardError, RewardSpec
 
 
 class Aesthetic:

@@ -1,4 +1,4 @@
-"""The Reward protocol, its spec, and the weighted combination of rewards.
+"""The weighted combination of rewards; the reward contract itself lives in :mod:`harness.types`.
 
 A reward scores a batch: ``images`` (B, 3, H, W) in [0, 1] and the matching prompts (text plus
 metadata) → (B,) float32 scores on the CPU. A failed score raises :class:`RewardError`; it is
@@ -7,52 +7,19 @@ never silently replaced by 0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.types import Prompt, Reward, RewardError, RewardSpec, check_scores
 
 if TYPE_CHECKING:
     from rewards.normalize import Normalizer
 
-
-class RewardError(RuntimeError):
-    """A reward could not score a batch (a NaN, a crash in the scorer, a dead server)."""
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    """What a reward is: its name, version, range and direction."""
-
-    name: str
-    version: str
-    description: str
-    higher_is_better: bool = True
-    value_range: tuple[float, float] = (0.0, 1.0)
-    differentiable: bool = False
-
-
-@runtime_checkable
-class Reward(Protocol):
-    """Batched scorer: images (B, 3, H, W) in [0, 1], prompts → (B,) scores."""
-
-    spec: RewardSpec
-
-    def __call__(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor: ...
-
-
-def check_scores(name: str, scores: Tensor, batch: int) -> Tensor:
-    """Validate a reward's output: shape (B,), finite; raise :class:`RewardError` otherwise."""
-    if scores.shape != (batch,):
-        raise RewardError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({batch},)")
-    if not torch.isfinite(scores).all():
-        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-        raise RewardError(f"reward {name!r} returned non-finite scores at batch positions {bad}")
-    return scores.float().cpu()
+__all__ = ["Reward", "RewardError", "RewardSpec", "WeightedReward", "check_scores"]
 
 
 class WeightedReward:
@@ -61,6 +28,8 @@ class WeightedReward:
     ``normalizers`` (optional, per reward key; see :mod:`rewards.normalize`) map a reward's raw scores
     to a common scale before weighting: ``Σ_k w_k · n_k(reward_k)``; keys without one stay raw.
     ``last_components`` always holds the raw scores, ``last_normalized`` the normalised ones.
+    Weights are finite and ≥ 0 (a weight of 0 keeps a reward's scores in ``last_components`` without
+    training on them).
     """
 
     def __init__(
@@ -71,11 +40,17 @@ class WeightedReward:
     ) -> None:
         if set(rewards) != set(weights):
             raise ValueError(f"rewards {sorted(rewards)} and weights {sorted(weights)} must name the same rewards")
+        for key, weight in weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+                raise ValueError(f"weight of reward {key!r} must be a finite number, got {weight!r}")
+            if weight < 0:
+                raise ValueError(f"weight of reward {key!r} must be >= 0, got {weight!r}")
         self.rewards, self.weights = dict(rewards), dict(weights)
         self.normalizers = dict(normalizers or {})
         if not set(self.normalizers) <= set(rewards):
             raise ValueError(f"normalizers {sorted(self.normalizers)} name rewards not in {sorted(rewards)}")
-        ranges = [(self._range(k), self.weights[k]) for k in self.rewards]
+        # A weight of 0 contributes exactly 0, also for an unbounded (normalised) range, where 0·inf is NaN.
+        ranges = [(self._range(k) if self.weights[k] else (0.0, 0.0), self.weights[k]) for k in self.rewards]
         low = sum(min(w * r[0], w * r[1]) for r, w in ranges)
         high = sum(max(w * r[0], w * r[1]) for r, w in ranges)
         self.spec = RewardSpec(

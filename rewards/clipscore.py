@@ -14,8 +14,8 @@ Hessel et al.'s CLIPScore (arXiv 2104.08718) is ``2.5 · max(cos, 0)`` with ViT-
 
 from __future__ import annotations
 
+from harness.types import RewardSpec
 from rewards._clip import PairedClipScore
-from rewards.base import RewardSpec
 
 LOGITS_DIVISOR = 100.0  # DiffusionNFT: ``outputs.logits_per_image.diagonal() / 100``
 

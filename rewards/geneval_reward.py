@@ -3,13 +3,13 @@
 GenEval (Ghosh et al., NeurIPS 2023 D&B; djghosh13/geneval ``evaluation/evaluate_images.py``) detects
 the 80 COCO classes with Mask2Former, keeps detections above 0.3 (0.9 for counting, at most 16 per
 class), names the colour of detected objects with zero-shot CLIP ViT-L/14, and checks the prompt's
-clauses. The thresholds, filtering and all three judgements live in :mod:`rewards.geneval`; this
+clauses. The thresholds, filtering and all three judgements live in :mod:`harness.geneval_rules`; this
 module feeds them real detections:
 
 * ``judgement="correct"``: the official GenEval rule, the evaluation metric;
 * ``judgement="score"`` (default): FlowGRPO's partial-credit training reward, the one FlowGRPO and
   DiffusionNFT train on (``reward-server/gen_eval.py:evaluate_reward``); ``score_variant="flowgrpo"``
-  keeps its quirks, ``"corrected"`` fixes them (see :func:`rewards.geneval.judge_partial`). It can be
+  keeps its quirks, ``"corrected"`` fixes them (see :func:`harness.geneval_rules.judge_partial`). It can be
   negative: one clause term is ``1 − |count − n| / count``, down to ``1 − 15`` with 16 kept objects;
 * ``judgement="strict"``: FlowGRPO's ``strict_correct``.
 
@@ -41,9 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
-from rewards.base import RewardError, RewardSpec
-from rewards.geneval import (
+from harness.geneval_rules import (
     Detection,
     GenEvalResult,
     GenEvalRules,
@@ -51,11 +49,13 @@ from rewards.geneval import (
     ScoreVariant,
     evaluate_detections,
     filter_detections,
+    load_class_names,
     validate_metadata,
 )
+from harness.images import to_uint8
+from harness.types import Prompt, RewardError, RewardSpec
 from rewards.geneval_detect import BackendName, Detector, ImageDetections, make_detector
 from rewards.geneval_detect.color import ClipBackend, ColorClassifier, make_color_classifier
-from rewards.shapes import to_uint8
 
 Judgement = Literal["score", "correct", "strict"]
 
@@ -79,8 +79,6 @@ class JudgedImage:
 
 def resolve_class_names(class_names: str | Path | Sequence[str] | None) -> tuple[str, ...]:
     """GenEval's 80 class names: given, read from a file, or the verified public ``object_names.txt``."""
-    from benchmarks.prompt_sets.geneval import load_class_names
-
     if class_names is None or isinstance(class_names, (str, Path)):
         names = tuple(load_class_names(class_names))
     else:
@@ -100,7 +98,7 @@ def judge_detections(
 ) -> GenEvalResult:
     """Judge one image from its detector output: filter, name colours where asked, apply the rules.
 
-    Detections are filtered as the official code does (:func:`rewards.geneval.filter_detections`);
+    Detections are filtered as the official code does (:func:`harness.geneval_rules.filter_detections`);
     every kept detection of a class with a colour clause gets its colour from ``colors``.
     """
     color_classes = {clause["class"] for clause in metadata["include"] if "color" in clause}

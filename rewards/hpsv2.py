@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
+from harness.types import Prompt, RewardError, RewardSpec
 from rewards._clip import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -41,7 +41,6 @@ from rewards._clip import (
     resolve_dtype,
     resolve_file,
 )
-from rewards.base import RewardError, RewardSpec
 
 TokenizerName = Literal["hpsv2x", "open_clip"]
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.base import Prompt
+from harness.types import Prompt, RewardError, RewardSpec
 from rewards._clip import (
     CropTransform,
     PreferenceMLP,
@@ -43,7 +43,6 @@ from rewards._clip import (
     resolve_dtype,
     resolve_file,
 )
-from rewards.base import RewardError, RewardSpec
 
 logger = logging.getLogger(__name__)
 

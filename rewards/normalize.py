@@ -41,6 +41,9 @@ class FixedRange:
     """``(x − low) / (high − low)``, clamped to [0, 1] when ``clip`` (the default)."""
 
     def __init__(self, low: float, high: float, clip: bool = True) -> None:
+        for name, value in (("low", low), ("high", high)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ValueError(f"FixedRange {name} must be a finite number, got {value!r}")
         if not high > low:
             raise ValueError(f"FixedRange needs high > low, got low={low}, high={high}")
         self.low, self.high, self.clip = float(low), float(high), clip
@@ -63,8 +66,8 @@ class RunningMeanStd:
     """``(x − μ) / (σ + eps)`` with μ, σ over all scores seen so far (batch included; ``update=False`` freezes)."""
 
     def __init__(self, eps: float = 1e-6, update: bool = True) -> None:
-        if eps <= 0:
-            raise ValueError(f"RunningMeanStd needs eps > 0, got {eps}")
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"RunningMeanStd eps must be a finite number > 0, got {eps!r}")
         self.eps, self.update = eps, update
         self.count, self.mean, self.m2 = 0, 0.0, 0.0  # m2 = Σ (x − mean)²
 

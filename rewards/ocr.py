@@ -44,21 +44,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from benchmarks.base import Prompt
-from rewards.base import RewardError, RewardSpec
-from rewards.shapes import to_uint8
+from harness.images import to_uint8
+from harness.ocr_rules import ocr_target
+from harness.types import Prompt, RewardError, RewardSpec
 
 EngineName = Literal["rapidocr", "tesseract", "paddle"]
-
-
-def ocr_target(prompt: str) -> str:
-    """The text inside the prompt's first pair of double quotes (FlowGRPO: ``prompt.split('"')[1]``)."""
-    parts = prompt.split('"')
-    if len(parts) < 3:
-        raise ValueError(f'OCR prompt has no "quoted" target text (needs a pair of double quotes): {prompt!r}')
-    if not parts[1].replace(" ", ""):
-        raise ValueError(f"OCR prompt's first quoted span is empty (or only spaces), nothing to read: {prompt!r}")
-    return parts[1]
 
 
 def ocr_reward(prompt: str, recognized: str) -> float:

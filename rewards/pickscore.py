@@ -14,8 +14,8 @@ Deviation: the processor's PIL resize is replaced by the tensor transform of :mo
 
 from __future__ import annotations
 
+from harness.types import RewardSpec
 from rewards._clip import PairedClipScore
-from rewards.base import RewardSpec
 
 PICKSCORE_DIVISOR = 26.0  # FlowGRPO / DiffusionNFT: ``scores / 26``
 

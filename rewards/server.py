@@ -38,8 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
-from rewards.base import Reward, RewardError, RewardSpec, check_scores
+from harness.types import Prompt, Reward, RewardError, RewardSpec, check_scores
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,7 @@
 """The shapes world's GenEval reward: the rule-based detector feeding the GenEval rule engine.
 
+The judge itself is :func:`harness.shapes_world.judge.judge_images`, shared with the shapes benchmark's metric.
+
 ``judgement="score"`` is FlowGRPO's partial-credit training reward; ``"correct"`` is the
 official GenEval rule (the eval metric); ``"strict"`` is FlowGRPO's strict variant.
 """
@@ -9,41 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
-from benchmarks.shapes.detect import detect
-from benchmarks.shapes.world import validate_shapes_metadata
-from rewards.base import RewardSpec
-from rewards.geneval import GenEvalResult, GenEvalRules, ScoreVariant, evaluate_detections
+from harness.geneval_rules import ScoreVariant
+from harness.shapes_world.judge import judge_images
+from harness.types import Prompt, RewardSpec
 
 Judgement = Literal["score", "correct", "strict"]
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(B, 3, H, W) floats in [0, 1] → (B, H, W, 3) uint8."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def judge_images(
-    images: Tensor,
-    prompts: Sequence[Prompt],
-    *,
-    rules: GenEvalRules = GenEvalRules(),
-    score_variant: ScoreVariant = "flowgrpo",
-) -> list[GenEvalResult]:
-    """Detect and judge every image against its prompt's GenEval metadata."""
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
-    results = []
-    for image, prompt in zip(to_uint8(images), prompts, strict=True):
-        validate_shapes_metadata(prompt.metadata)
-        results.append(evaluate_detections(prompt.metadata, detect(image), rules=rules, score_variant=score_variant))
-    return results
 
 
 class ShapesGenEval:

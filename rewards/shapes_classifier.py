@@ -2,7 +2,7 @@
 
 This is a learned stand-in for the judge, not the judge. The judge (:mod:`rewards.shapes`: uint8
 rounding, nearest-palette colours, connected components, template IoU, then the rules of
-:mod:`rewards.geneval`) has no gradient. Here a CenterNet-style CNN (113k parameters, 0.45 MB)
+:mod:`harness.geneval_rules`) has no gradient. Here a CenterNet-style CNN (113k parameters, 0.45 MB)
 reads the image plus a softened copy of the detector's first step (per-pixel nearest-palette
 membership within ``MAX_COLOR_DISTANCE``) and predicts, on an 8×8 grid of 4-pixel cells and per
 shape class, the logit that a detection's box centre lies in the cell (at the 0.3 and at the 0.9
@@ -13,7 +13,7 @@ score threshold), that detection's centre and extent, and per cell its colour. F
   weighted by P(only cell j) ∝ p_j/(1 − p_j), i.e. a softmax of the logits over cells.
 
 :func:`expected_partial_score` turns these into the expectation of FlowGRPO's partial-credit score
-(``reward_server/gen_eval.py:evaluate_reward``, as :func:`rewards.geneval.judge_partial`), clause by
+(``reward_server/gen_eval.py:evaluate_reward``, as :func:`harness.geneval_rules.judge_partial`), clause by
 clause: count terms ``1 − |count − n|/count`` (0.9 threshold for the counting task), colour terms
 ``P(n = 1)·P(colour | n = 1)``, the position clause (with the ``flowgrpo`` variant's stray 1.0) through
 :func:`soft_relation`, GenEval's ``relative_position`` with ``max(·, 0)`` softened to a softplus and
@@ -23,13 +23,13 @@ position prompt are taken as independent. Fed the rule detector's own one-hot ou
 rule's reaches −14 with clutter), so the score lies in [0, 1]. Gradients reach the pixels: no
 detach, no no_grad, no uint8 rounding in the forward.
 
-Training (:mod:`benchmarks.shapes.train_classifier`): labels are the rule detector's output on each
+Training (:mod:`harness.train_classifier`): labels are the rule detector's output on each
 training image, so the proxy learns the detector, not the prompt: renders of grammar prompts,
 edited renders, random clutter, and samples of the committed base model, with flips, composites,
 noise, blur and colour gains. The committed asset ``benchmarks/shapes/assets/classifier/`` was made by
 ``OMP_NUM_THREADS=1 diffrl pretrain-reward --out benchmarks/shapes/assets/classifier`` (352 s on the
 2-core CPU machine, 1 thread), which also wrote ``agreement.md`` beside it
-(``diffrl pretrain-reward --measure-only`` or ``python -m benchmarks.shapes.train_classifier --measure``
+(``diffrl pretrain-reward --measure-only`` or ``python -m harness.train_classifier --measure``
 remeasure it). Agreement with ``ShapesGenEval(judgement="score")``; "clipped" is the rule score with
 the proxy's clipped count terms, the proxy's exact target:
 
@@ -66,12 +66,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from benchmarks.base import Prompt
-from benchmarks.shapes.checkpoint import ChecksumError, verify_checksum
-from benchmarks.shapes.detect import MAX_COLOR_DISTANCE
-from benchmarks.shapes.world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, validate_shapes_metadata
-from rewards.base import RewardSpec
-from rewards.geneval import ScoreVariant
+from harness.checksums import ChecksumError, verify_checksum
+from harness.geneval_rules import ScoreVariant
+from harness.shapes_world.detect import MAX_COLOR_DISTANCE
+from harness.shapes_world.world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, validate_shapes_metadata
+from harness.types import Prompt, RewardSpec
+from harness.validation import check_at_least, check_non_negative, check_positive
 
 CLASSIFIER_CHECKPOINT = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes" / "assets" / "classifier"
 ASSET_FILES = ("config.json", "model.safetensors", "model.safetensors.sha256")
@@ -90,13 +90,32 @@ class ClassifierConfig:
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = tuple(COLORS)
 
+    def __post_init__(self) -> None:
+        widths = self.widths
+        if not (
+            isinstance(widths, tuple) and len(widths) == 3 and all(_is_int(w) and w % 4 == 0 and w > 0 for w in widths)
+        ):
+            raise ValueError(
+                f"widths must be 3 positive integers divisible by 4 (GroupNorm's 4 groups), got {widths!r}"
+            )
+        check_positive(self, "palette_temperature")
+        check_at_least(self, 1, "max_count")
+        for name in ("shapes", "colors"):
+            names = getattr(self, name)
+            if not (isinstance(names, tuple) and names and all(isinstance(n, str) for n in names)):
+                raise ValueError(f"{name} must be a non-empty tuple of names, got {names!r}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class RelationCalibration:
     """Soft ``relative_position``: softplus sharpness (1/px) and the sigmoid temperature, fitted after training."""
 
     sharpness: float = 2.0
-    temperature: float = 0.1
+    temperature: float = 0.1  # 0: the exact rule (hard thresholds)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "sharpness")
+        check_non_negative(self, "temperature")
 
 
 @dataclass(frozen=True)
@@ -108,6 +127,10 @@ class Beliefs:
     color: Tensor  # (B, S, C), colour of the detection given exactly one loose detection
     centre: Tensor  # (B, S, 2), box centre (x, y) in pixels, given exactly one loose detection
     extent: Tensor  # (B, S, 2), box width and height in pixels, given exactly one loose detection
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -225,7 +248,7 @@ def _count_term(p: Tensor, count: int) -> Tensor:
 def expected_partial_score(
     beliefs: Beliefs, index: int, metadata: Mapping[str, Any], variant: ScoreVariant, calib: RelationCalibration
 ) -> Tensor:
-    """E[FlowGRPO partial-credit score] of image ``index`` (:func:`rewards.geneval.judge_partial`, clipped terms)."""
+    """E[FlowGRPO partial-credit score] of image ``index`` (:func:`harness.geneval_rules.judge_partial`, clipped terms)."""
     tag, include = metadata["tag"], metadata["include"]
     counts = beliefs.count_tight if tag == "counting" else beliefs.count_loose
     cls = [SHAPES.index(clause["class"]) for clause in include]

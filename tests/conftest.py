@@ -34,8 +34,8 @@ def shared_data() -> Path:
 def make_tiny_policy(seed: int = 0, depth: int = 1):
     """A tiny random DiT policy over the shapes vocabulary, perturbed off its adaLN-Zero start
     so that v depends on the input; cheap enough for unit tests."""
-    from benchmarks.shapes.world import VOCABULARY
     from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, TinyDiTPolicy
+    from harness.shapes_world.world import VOCABULARY
 
     torch.manual_seed(seed)
     cfg = TinyDiTConfig(vocabulary=VOCABULARY, hidden=16, depth=depth, heads=2, text_layers=1, patch_size=8)

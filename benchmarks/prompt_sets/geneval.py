@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.prompt_sets.files import fetch
-from rewards.geneval import GENEVAL_COLORS, RELATIONS, TASKS, MetadataError, validate_metadata
+from harness.geneval_rules import GENEVAL_COLORS, RELATIONS, TASKS, MetadataError, validate_metadata
 
 FLOWGRPO_TASK_WEIGHTS: dict[str, float] = {
     "position": 7.0,
@@ -41,15 +40,6 @@ DEFAULT_TEMPLATES: dict[str, str] = {
     "position": "a photo of {a} {relation} {b}",
     "color_attr": "a photo of {a} and {b}",
 }
-
-
-def load_class_names(path: str | Path | None = None, data_dir: str | Path | None = None) -> list[str]:
-    """GenEval's 80 class names (``object_names.txt``) from ``path``, or the verified public file."""
-    file = Path(path) if path is not None else fetch("geneval/object_names.txt", data_dir)[0]
-    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(set(names)) != len(names):
-        raise MetadataError(f"{file} lists a class name twice; expected one distinct name per line")
-    return names
 
 
 def load_metadata(path: str | Path, known_classes: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -5,12 +5,13 @@ Each set offers the :class:`benchmarks.base.Benchmark` members: ``name``, ``vers
 names the exact prompts: the SHA-256 prefixes of the eval and train files (taken from their pins, so
 reading it downloads nothing; only FlowGRPO's unpinned OCR train file is read and hashed) and, for
 GenEval, a hash of the training-prompt generator's settings. The sets hold prompts only; their
-``evaluate`` scores with the ``reward`` they are given (a :class:`rewards.base.Reward` or a
-registry key such as ``"ocr"``) and reports ``overall`` = the mean score, or for GenEval
+``evaluate`` scores with the ``reward`` they are given (a built :class:`harness.types.Reward`; a
+suite names it by registry key in ``benchmark.options.reward`` and builds it, as benchmarks do not
+import rewards) and reports ``overall`` = the mean score, or for GenEval
 the unweighted mean of the six per-task means (GenEval's "Overall score"), which equals official
 GenEval when the reward returns the official 0/1 ``correct``. A set built without a reward raises at
 once (before any image is sampled), unless it is built ``train_only=True`` for its training prompts.
-Files load lazily, on first use (see :mod:`benchmarks.prompt_sets.files`); each file's prompts are
+Files load lazily, on first use (see :mod:`harness.data_files`); each file's prompts are
 parsed once per process.
 """
 
@@ -29,53 +30,41 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from benchmarks.base import Prompt
-from benchmarks.prompt_sets.files import FILES, fetch, read_lines, sha256_of
-from benchmarks.prompt_sets.geneval import (
-    FLOWGRPO_TASK_WEIGHTS,
-    GenEvalPromptGenerator,
-    load_class_names,
-    load_metadata,
-)
-from rewards.base import Reward, check_scores
-from rewards.geneval import TASKS
+from benchmarks.prompt_sets.geneval import FLOWGRPO_TASK_WEIGHTS, GenEvalPromptGenerator, load_metadata
+from harness.data_files import FILES, fetch, read_lines, sha256_of
+from harness.geneval_rules import TASKS, load_class_names
+from harness.ocr_rules import ocr_target
+from harness.types import Prompt, Reward, check_scores
 
 VERSION = "2"  # 2: lines are stripped (FlowGRPO's line.strip()); the train file and generator join the version
 
 
-def _check_reward(reward: Reward | str | None, train_only: bool, name: str) -> None:
-    """At build time: a set that will be evaluated needs a reward, and a reward key must be registered."""
+def _check_reward(reward: Reward | None, train_only: bool, name: str) -> None:
+    """At build time: a set that will be evaluated needs a reward, a built one (benchmarks do not import rewards)."""
+    if isinstance(reward, str):
+        raise ValueError(
+            f"prompt set {name!r} got the reward registry key {reward!r}; pass the built reward instead "
+            f"(rewards.REWARDS.get({reward!r})()), or name it in a suite as benchmark.options.reward, "
+            "which the suite builds"
+        )
     if reward is None and not train_only:
         raise ValueError(
             f"prompt set {name!r} holds prompts only and scores its eval images with a reward, but none was "
-            "given: pass reward=<Reward or registry key> (e.g. 'pickscore'), or train_only=True to use only "
-            "its training prompts"
+            "given: pass reward=<a built Reward> (a suite: benchmark.options.reward = a registry key such as "
+            "'pickscore'), or train_only=True to use only its training prompts"
         )
-    if isinstance(reward, str):
-        from rewards import REWARDS
-
-        REWARDS.check(reward)
 
 
-def _reward(reward: Reward | str | None, name: str) -> Reward:
+def _reward(reward: Reward | None, name: str) -> Reward:
     if reward is None:
         raise ValueError(f"prompt set {name!r} was built train_only=True without a reward: it cannot evaluate")
-    return _build_reward(reward) if isinstance(reward, str) else reward
+    return reward
 
 
 def _file_digest(key: str, data_dir: str | Path | None) -> str:
     """A prompt file's SHA-256: its pin (no I/O; every read is verified against it), else the file's own hash."""
     pinned = FILES[key].sha256
     return pinned if pinned is not None else fetch(key, data_dir)[1]
-
-
-@functools.cache
-def _build_reward(key: str) -> Reward:
-    """A registered reward built with its defaults, once per process (models load once)."""
-    from rewards import REWARDS
-
-    built: Reward = REWARDS.get(key)()
-    return built
 
 
 def _score(reward: Reward, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
@@ -98,9 +87,7 @@ def _prompt_list(
         lines = list(dict.fromkeys(lines))
     if not needs_quoted_target:
         return tuple(Prompt(line) for line in lines)
-    from rewards.ocr import ocr_target  # raises on a prompt without a quoted target
-
-    return tuple(Prompt(line, {"target": ocr_target(line)}) for line in lines)
+    return tuple(Prompt(line, {"target": ocr_target(line)}) for line in lines)  # raises without a quoted target
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,7 +108,7 @@ class FilePromptSet:
     deduplicate: bool = False
     needs_quoted_target: bool = False
     data_dir: str | Path | None = None
-    reward: Reward | str | None = None
+    reward: Reward | None = None
     train_only: bool = False
     metrics: tuple[str, ...] = ("overall",)
 
@@ -157,11 +144,12 @@ class FilePromptSet:
 
 
 def ocr(
-    data_dir: str | Path | None = None, reward: Reward | str | None = "ocr", eval_seed: int = 42,
+    data_dir: str | Path | None = None, reward: Reward | None = None, eval_seed: int = 42,
     train_only: bool = False,
 ) -> FilePromptSet:  # fmt: skip
     """FlowGRPO's OCR set: 1018 test prompts (the file has no final newline, so ``wc -l`` says 1017); train by URL.
 
+    Its metric is the OCR reward: pass ``reward=OCRReward()`` (in a suite, ``benchmark.options.reward: ocr``).
     The train file has no pinned SHA-256 yet, so ``version`` reads (and if needed downloads) it to hash it.
     """
     return FilePromptSet(
@@ -177,9 +165,7 @@ def ocr(
     )
 
 
-def drawbench(
-    data_dir: str | Path | None = None, reward: Reward | str | None = None, eval_seed: int = 42
-) -> FilePromptSet:
+def drawbench(data_dir: str | Path | None = None, reward: Reward | None = None, eval_seed: int = 42) -> FilePromptSet:
     """DrawBench as DiffusionNFT ships it: 200 unique prompts × 5 images (eval only)."""
     return FilePromptSet(
         name="drawbench",
@@ -194,7 +180,7 @@ def drawbench(
 
 
 def pickapic(
-    data_dir: str | Path | None = None, reward: Reward | str | None = None, eval_seed: int = 42,
+    data_dir: str | Path | None = None, reward: Reward | None = None, eval_seed: int = 42,
     train_only: bool = False,
 ) -> FilePromptSet:  # fmt: skip
     """FlowGRPO's Pick-a-Pic prompts: 25432 train, 2048 test (1 image each)."""
@@ -231,7 +217,7 @@ class GenEvalPromptSet:
     data_dir: str | Path | None = None
     class_names: str | Path | None = None
     task_weights: dict[str, float] | None = None
-    reward: Reward | str | None = None
+    reward: Reward | None = None
     train_only: bool = False
     metrics: tuple[str, ...] = ("overall", *TASKS)
 
@@ -241,7 +227,7 @@ class GenEvalPromptSet:
     def _generator_settings(self) -> dict[str, Any]:
         """Every generator argument except the class list (the one source for both the generator and ``version``)."""
         defaults = {
-            f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+            f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc,operator]
             for f in dataclasses.fields(GenEvalPromptGenerator)
             if f.name != "classes"
         }

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import Tensor
 
-from benchmarks.base import Prompt
 from benchmarks.shapes.prompts import UNIFORM_TASKS, eval_prompts, sample_prompts
-from rewards.geneval import TASKS, task_summary
-from rewards.shapes import judge_images
+from harness.geneval_rules import TASKS, task_summary
+from harness.shapes_world.judge import judge_images
+from harness.types import Prompt
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
+from harness.checksums import verify_checksum
 from harness.policies.tiny_dit import TinyDiTPolicy, load_tiny_dit
 
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "base"
-
-
-class ChecksumError(RuntimeError):
-    """A checkpoint's weights do not match the sha256 recorded beside them."""
-
-
-def verify_checksum(directory: Path) -> None:
-    """Compare ``model.safetensors`` with ``model.safetensors.sha256`` when the latter exists."""
-    recorded = directory / "model.safetensors.sha256"
-    if not recorded.is_file():
-        return
-    expected = recorded.read_text().split()[0]
-    actual = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
-    if actual != expected:
-        raise ChecksumError(f"{directory}/model.safetensors has sha256 {actual}, but {recorded.name} says {expected}")
 
 
 def load_shapes_policy(directory: Path | None = None) -> TinyDiTPolicy:

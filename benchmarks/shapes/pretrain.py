@@ -26,9 +26,9 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.shapes.prompts import sample_prompts
-from benchmarks.shapes.render import render
-from benchmarks.shapes.world import VOCABULARY
 from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, Tokenizer, save_tiny_dit
+from harness.shapes_world.render import render
+from harness.shapes_world.world import VOCABULARY
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.shapes.world import all_prompts
-from rewards.geneval import TASKS, MetadataError
+from harness.geneval_rules import TASKS, MetadataError
+from harness.shapes_world.world import all_prompts
 
 UNIFORM_TASKS: dict[str, float] = {tag: 1.0 for tag in TASKS}
 

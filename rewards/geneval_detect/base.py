@@ -4,7 +4,7 @@ GenEval (djghosh13/geneval, ``evaluation/evaluate_images.py``) reads mmdetection
 Mask2Former output as 80 per-class lists, class ``i`` being line ``i`` of ``object_names.txt``.
 Every backend here returns that shape, keyed by GenEval's class names:
 ``{class name: [Instance(box, score, mask), ...]}`` for each image, so the rule engine
-(:mod:`rewards.geneval`) never sees which backend made them; the backend's :attr:`Detector.name`
+(:mod:`harness.geneval_rules`) never sees which backend made them; the backend's :attr:`Detector.name`
 and :attr:`Detector.version` are recorded next to every result instead.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rewards.base import RewardError
+from harness.types import RewardError
 
 BackendName = Literal["mmdet", "hf"]
 Box = tuple[float, float, float, float]

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from rewards.base import RewardError
-from rewards.geneval import GENEVAL_COLORS
+from harness.geneval_rules import GENEVAL_COLORS
+from harness.types import RewardError
 from rewards.geneval_detect.base import Box, Instance, check_image
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"

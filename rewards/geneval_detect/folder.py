@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from rewards.geneval import TASKS, MetadataError, ScoreVariant, task_summary, validate_metadata
+from harness.geneval_rules import TASKS, MetadataError, ScoreVariant, task_summary, validate_metadata
 from rewards.geneval_detect.base import BackendName, Detector
 from rewards.geneval_detect.color import ClipBackend, ColorClassifier
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rewards.base import RewardError
+from harness.types import RewardError
 from rewards.geneval_detect.base import (
     GENEVAL_TO_COCO,
     ImageDetections,

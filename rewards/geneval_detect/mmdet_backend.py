@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from rewards.base import RewardError
+from harness.types import RewardError
 from rewards.geneval_detect.base import ImageDetections, check_image, group_by_class, package_version
 
 MMDET_CONFIG = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py"

@@ -7,10 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.shapes.checkpoint import BASE_CHECKPOINT, ChecksumError, load_shapes_policy, verify_checksum
+from benchmarks.shapes.checkpoint import BASE_CHECKPOINT, load_shapes_policy
 from benchmarks.shapes.pretrain import PretrainConfig, pretrain
-from benchmarks.shapes.world import VOCABULARY
+from harness.checksums import ChecksumError, verify_checksum
 from harness.policies.tiny_dit import TinyDiTConfig
+from harness.shapes_world.world import VOCABULARY
 
 SMALL = TinyDiTConfig(vocabulary=VOCABULARY, hidden=32, depth=1, heads=2, text_layers=1)
 

@@ -13,19 +13,18 @@ import pytest
 import torch
 
 from benchmarks import BENCHMARKS
-from benchmarks.base import Prompt
-from benchmarks.prompt_sets import files, sets
-from benchmarks.prompt_sets.files import FILES, PromptFile, PromptFileError, fetch, sha256_of
+from benchmarks.prompt_sets import sets
 from benchmarks.prompt_sets.geneval import (
     FLOWGRPO_TASK_WEIGHTS,
     GenEvalPromptGenerator,
-    load_class_names,
     load_metadata,
     prompt_text,
 )
 from benchmarks.prompt_sets.sets import GenEvalPromptSet, drawbench, ocr, pickapic
-from rewards.base import RewardSpec
-from rewards.geneval import TASKS, MetadataError, validate_metadata
+from harness import data_files as files
+from harness.data_files import FILES, PromptFile, PromptFileError, fetch, sha256_of
+from harness.geneval_rules import TASKS, MetadataError, load_class_names, validate_metadata
+from harness.types import Prompt, RewardSpec
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_prompts.txt"
 FIXTURE_SHA = "18893fb02a0239298d7ed2d1b39f43467c06eb8a90cb862cb9b59a0ecc6bc0be"
@@ -162,7 +161,7 @@ def test_geneval_set(shared_data):
 
 
 def test_text_sets_counts(shared_data):
-    ocr_set = BENCHMARKS.get("ocr")(data_dir=shared_data)
+    ocr_set = BENCHMARKS.get("ocr")(data_dir=shared_data, reward=MeanBrightness())
     ocr_prompts = ocr_set.eval_prompts()
     # 1018 prompts; the file has no final newline, so `wc -l` counts 1017.
     assert len(ocr_prompts) == 1018 and ocr_set.images_per_prompt == 1
@@ -204,8 +203,10 @@ def test_a_set_without_a_reward_fails_when_built_not_after_sampling(shared_data)
     with pytest.raises(ValueError, match="no train split"):
         sets.FilePromptSet(name="eval_only", eval_file="drawbench/test.txt", train_file=None, images_per_prompt=1,
                            train_only=True)  # fmt: skip
-    with pytest.raises(KeyError, match="Did you mean 'pickscore'"):
-        pickapic(data_dir=shared_data, reward="pickscor")
+    with pytest.raises(ValueError, match=r"registry key 'pickscore'; pass the built reward instead"):
+        pickapic(data_dir=shared_data, reward="pickscore")  # benchmarks do not import rewards: the suite builds it
+    with pytest.raises(ValueError, match="pass reward="):
+        sets.ocr(data_dir=shared_data)  # scored by the OCR reward, which the caller builds
     train_only = pickapic(data_dir=shared_data, train_only=True)
     with pytest.raises(ValueError, match="train_only=True without a reward"):
         train_only.evaluate(torch.zeros(1, 3, 4, 4), [Prompt("x")])

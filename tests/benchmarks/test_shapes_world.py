@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from benchmarks.shapes.detect import detect
-from benchmarks.shapes.render import layout, render
-from benchmarks.shapes.world import COLORS, SHAPES, all_prompts, make_metadata, parse_prompt, prompt_text
-from rewards.geneval import TASKS, MetadataError, evaluate_detections
+from harness.geneval_rules import TASKS, MetadataError, evaluate_detections
+from harness.shapes_world.detect import detect
+from harness.shapes_world.render import layout, render
+from harness.shapes_world.world import COLORS, SHAPES, all_prompts, make_metadata, parse_prompt, prompt_text
 
 
 @pytest.mark.parametrize("tag", TASKS)
@@ -52,7 +52,7 @@ def test_detector_recovers_every_rendered_object():
     for tag in TASKS:
         for metadata in all_prompts(tag)[:24]:
             objects = layout(metadata, rng)
-            from benchmarks.shapes.render import draw
+            from harness.shapes_world.render import draw
 
             detections = detect(draw(objects))
             found = sorted((d.box, cls, d.color, d.score) for cls, dets in detections.items() for d in dets)

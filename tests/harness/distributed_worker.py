@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.base import Prompt
 from benchmarks.shapes.benchmark import ShapesBenchmark
 from harness.advantages import group_advantages, zero_std_groups
 from harness.compute import CountingPolicy, Ledger
@@ -23,6 +22,7 @@ from harness.optim import OptimConfig
 from harness.policy import Cond
 from harness.samplers import make_sampler
 from harness.trainer import LoopConfig, train
+from harness.types import Prompt
 from methods import METHODS
 from methods.base import Rollout
 from methods.diffusion_nft import optimality_probability
@@ -79,7 +79,7 @@ def end_to_end(processes, name: str) -> dict[str, object]:
     cfg = METHODS.get(name).Config(**END_TO_END[name])
     loop = LoopConfig(iterations=2, prompts_per_iteration=2, images_per_prompt=4, eval=EvalSettings(num_steps=2))
     bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
-    result = train(name, cfg, policy, bench, ShapesGenEval(), loop, OptimConfig(lr=1e-3), progress=False,
+    result = train(METHODS.get(name), cfg, policy, bench, ShapesGenEval(), loop, OptimConfig(lr=1e-3), progress=False,
                    processes=processes)  # fmt: skip
     weights = torch.cat([p.detach().flatten() for p in policy.trainable_parameters()])
     return {

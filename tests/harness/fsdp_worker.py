@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from benchmarks.base import Prompt
-from benchmarks.gpu.sd3_check import Brightness, FixedPrompts
 from benchmarks.shapes.benchmark import ShapesBenchmark
+from harness.bench.sd3_check import Brightness, FixedPrompts
 from harness.distributed import Processes, from_environment
 from harness.evaluate import EvalSettings
 from harness.fsdp import full_tensors, shard_policy
@@ -28,9 +27,9 @@ from harness.policies.flux import FluxLoRAConfig, FluxPolicy, FluxPolicyConfig
 from harness.policies.sd3 import SD3LoRAConfig, SD3Policy, SD3PolicyConfig
 from harness.policy import Policy
 from harness.trainer import LoopConfig, train
+from harness.types import Prompt, RewardSpec
 from methods import METHODS
-from methods.diffusion_nft import DiffusionNFTConfig
-from rewards.base import RewardSpec
+from methods.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from rewards.shapes import ShapesGenEval
 from tests.conftest import make_tiny_policy
 
@@ -94,7 +93,7 @@ def sd3_end_to_end(processes: Processes, directory: Path, out: Path) -> dict[str
     policy = load_sd3(directory)
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=2, images_per_prompt=2)
     tag = "fsdp" if processes.fsdp else "dp"
-    result = train("diffusion_nft", DiffusionNFTConfig(num_steps=2, train_batch_size=4), policy,
+    result = train(DiffusionNFT, DiffusionNFTConfig(num_steps=2, train_batch_size=4), policy,
                    FixedPrompts(name="tiny", prompts=tuple(SD3_PROMPTS[:3])), Brightness(), loop, OptimConfig(lr=1e-2),
                    progress=False, processes=processes, checkpoint=out / f"sd3_{tag}.pt")  # fmt: skip
     policy.save_lora(out / f"sd3_lora_{tag}_rank{processes.rank}")  # every process gathers (and writes its own)
@@ -113,7 +112,7 @@ def end_to_end(processes: Processes, iterations: int, checkpoint: Path | None) -
         iterations=iterations, prompts_per_iteration=2, images_per_prompt=2, eval=EvalSettings(num_steps=2)
     )
     bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
-    result = train("diffusion_nft", DiffusionNFTConfig(num_steps=2), policy, bench, ShapesGenEval(), loop,
+    result = train(DiffusionNFT, DiffusionNFTConfig(num_steps=2), policy, bench, ShapesGenEval(), loop,
                    OptimConfig(lr=1e-3), progress=False, processes=processes, checkpoint=checkpoint)  # fmt: skip
     return {
         "losses": [row["train/loss"] for row in result.iterations],
@@ -146,27 +145,39 @@ class FirstPrompts(FixedPrompts):
         return [Prompt(text) for text in self.prompts[:n]]
 
 
-# Every method with micro-batches of one sample, so that a process keeping fewer samples runs fewer passes
-# unless padded with fillers. 3 prompts x 4 images (online DPO: 2 x 4, whole groups per process).
-METHOD_RUNS: dict[str, tuple[dict[str, object], int]] = {
-    "flow_grpo": ({"num_steps": 2, "train_batch_size": 1, "rollout_cfg": 1.0, "train_cfg": 1.0}, 3),
-    "flow_grpo_fast": ({"num_steps": 4, "train_batch_size": 1, "sde_window_size": 1, "sde_window_range": (0, 2)}, 3),
-    "raft": ({"num_steps": 2, "train_batch_size": 1}, 3),
-    "rwr": ({"num_steps": 2, "train_batch_size": 1}, 3),
-    "awm": ({"num_steps": 3, "train_batch_size": 1, "train_timesteps": 1}, 3),
-    "online_dpo": ({"num_steps": 2, "train_batch_size": 1, "guidance_scale": 1.0, "drop_tied_groups": True}, 2),
-    "draft": ({"num_steps": 2, "train_batch_size": 1}, 3),
+# Every registered method that declares capabilities.fsdp runs, with micro-batches of one sample, so that a process
+# keeping fewer samples runs fewer passes unless padded with fillers; 3 prompts x 4 images (whole-group methods:
+# 2 x 4, a group per process). OVERRIDES only make a listed method's run cheaper or its filler case sharper; a
+# method not listed runs with its defaults (num_steps cut where its config allows).
+OVERRIDES: dict[str, dict[str, object]] = {
+    "flow_grpo": {"rollout_cfg": 1.0, "train_cfg": 1.0},
+    "flow_grpo_fast": {"num_steps": 4, "sde_window_size": 1, "sde_window_range": (0, 2)},
+    "awm": {"num_steps": 3, "train_timesteps": 1},
+    "online_dpo": {"guidance_scale": 1.0, "drop_tied_groups": True},  # tied groups dropped: pairs differ by process
 }
+FSDP_METHODS = [name for name in METHODS if METHODS.get(name).capabilities.fsdp]
+
+
+def method_config(name: str) -> object:
+    """The run's config: one-sample micro-batches, few steps, then the method's OVERRIDES."""
+    config_cls = METHODS.get(name).Config
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    settings = {"train_batch_size": 1, **({"num_steps": 2} if "num_steps" in fields else {}), **OVERRIDES.get(name, {})}
+    try:
+        return config_cls(**settings)
+    except ValueError:  # too few steps for this method's own checks
+        return config_cls(**{k: v for k, v in settings.items() if k != "num_steps"})
 
 
 def method_run(processes: Processes, name: str) -> dict[str, object]:
     """Two iterations of ``name`` through the shared loop on the tiny DiT, no evaluation."""
-    config, prompts = METHOD_RUNS[name]
+    method_cls = METHODS.get(name)
+    prompts = 2 if method_cls.capabilities.needs_whole_groups else 3
     policy = make_tiny_policy(seed=0, depth=DEPTH)
     loop = LoopConfig(iterations=2, evaluate=False, prompts_per_iteration=prompts, images_per_prompt=4)
     bench = FirstPrompts(name="tiny", prompts=tuple(PROMPTS[:3]))
-    result = train(name, METHODS.get(name).Config(**config), policy, bench, GatedBrightness(), loop,
-                   OptimConfig(lr=1e-3), progress=False, processes=processes)  # fmt: skip
+    result = train(method_cls, method_config(name), policy, bench, GatedBrightness(), loop, OptimConfig(lr=1e-3),
+                   progress=False, processes=processes)  # fmt: skip
     return {
         "logs": [{k: v for k, v in row.items() if k.startswith("train/")} for row in result.iterations],
         "training_fwd": processes.sum([result.ledger.forward["training"]])[0],
@@ -185,7 +196,7 @@ def main(out: Path, sd3_pipeline: Path, flux_pipeline: Path) -> None:
         "sd3_one_step": {name: one_step(p, load_sd3(sd3_pipeline), SD3_PROMPTS) for name, p in runs.items()},
         "sd3_end_to_end": {name: sd3_end_to_end(p, sd3_pipeline, out) for name, p in runs.items()},
         "flux_one_step": {name: one_step(p, load_flux(flux_pipeline), SD3_PROMPTS) for name, p in runs.items()},
-        "methods": {name: {tag: method_run(p, name) for tag, p in runs.items()} for name in METHOD_RUNS},
+        "methods": {name: {tag: method_run(p, name) for tag, p in runs.items()} for name in FSDP_METHODS},
         "end_to_end": {
             "fsdp": end_to_end(fsdp, 2, out / "fsdp.pt"),
             "dp": end_to_end(replicated, 2, None),

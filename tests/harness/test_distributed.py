@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -13,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.base import Prompt
+from harness.accumulate import optimizer_chunks
 from harness.advantages import group_advantages, zero_std_groups
 from harness.compute import CountingPolicy, Ledger
 from harness.distributed import SINGLE, Processes
@@ -23,8 +24,10 @@ from harness.policy import Cond
 from harness.samplers import make_sampler
 from harness.store import read_results
 from harness.trainer import LoopConfig, check_geometry, train
-from methods.base import Rollout, optimizer_chunks
-from methods.diffusion_nft import DiffusionNFTConfig, optimality_probability
+from harness.types import Prompt
+from methods import METHODS
+from methods.base import Rollout
+from methods.diffusion_nft import DiffusionNFT, DiffusionNFTConfig, optimality_probability
 from methods.raft import top_k_mask
 from methods.rwr import group_softmax_weights
 from rewards.base import WeightedReward
@@ -102,7 +105,7 @@ def test_training_keeps_the_processes_in_step(two_process_reports, tiny_policy):
     # DiffusionNFT's compute does not depend on the data: the summed counters equal one process's.
     loop = LoopConfig(iterations=2, prompts_per_iteration=2, images_per_prompt=4, evaluate=False)
     bench = worker.ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
-    alone = train("diffusion_nft", DiffusionNFTConfig(num_steps=3), tiny_policy, bench, ShapesGenEval(), loop,
+    alone = train(DiffusionNFT, DiffusionNFTConfig(num_steps=3), tiny_policy, bench, ShapesGenEval(), loop,
                   OptimConfig(lr=1e-3), progress=False)  # fmt: skip
     assert [row["compute/fwd_equiv"] for row in alone.iterations] == first["diffusion_nft"]["fwd_equiv"]
 
@@ -130,16 +133,20 @@ def test_a_scoring_failure_stops_every_process(two_process_reports):
 def test_batch_geometry_is_checked_before_any_compute():
     two = Processes(rank=1, world_size=2)
     loop = LoopConfig(prompts_per_iteration=3, images_per_prompt=4)
-    assert check_geometry("diffusion_nft", ShapesGenEval(), loop, two) == slice(6, 12)
-    assert check_geometry("diffusion_nft", ShapesGenEval(), loop, SINGLE) == slice(0, 12)
+    assert check_geometry(METHODS.get("diffusion_nft"), ShapesGenEval(), loop, two) == slice(6, 12)
+    assert check_geometry(METHODS.get("diffusion_nft"), ShapesGenEval(), loop, SINGLE) == slice(0, 12)
     with pytest.raises(ValueError, match="cannot be split evenly over 2 processes"):
-        check_geometry("diffusion_nft", ShapesGenEval(), LoopConfig(prompts_per_iteration=3, images_per_prompt=3), two)
+        check_geometry(
+            METHODS.get("diffusion_nft"), ShapesGenEval(), LoopConfig(prompts_per_iteration=3, images_per_prompt=3), two
+        )
     with pytest.raises(ValueError, match="needs each prompt's images on one process"):
-        check_geometry("online_dpo", ShapesGenEval(), loop, two)  # 6 per process split groups of 4
-    check_geometry("online_dpo", ShapesGenEval(), LoopConfig(prompts_per_iteration=4, images_per_prompt=4), two)
+        check_geometry(METHODS.get("online_dpo"), ShapesGenEval(), loop, two)  # 6 per process split groups of 4
+    check_geometry(
+        METHODS.get("online_dpo"), ShapesGenEval(), LoopConfig(prompts_per_iteration=4, images_per_prompt=4), two
+    )
     running = WeightedReward({"g": ShapesGenEval()}, {"g": 1.0}, normalizers={"g": RunningMeanStd()})
     with pytest.raises(ValueError, match="running statistics"):
-        check_geometry("diffusion_nft", running, loop, two)
+        check_geometry(METHODS.get("diffusion_nft"), running, loop, two)
 
 
 def test_one_process_is_the_identity():
@@ -174,7 +181,9 @@ def test_shipped_launch_configs_split_the_sd35_suite(name, processes, machines):
     spec = load_suite("sd35_geneval").config.train
     loop = LoopConfig(prompts_per_iteration=spec.prompts_per_iteration, images_per_prompt=spec.images_per_prompt)
     for rank in (0, processes - 1):
-        share = check_geometry("diffusion_nft", ShapesGenEval(), loop, Processes(rank=rank, world_size=processes))
+        share = check_geometry(
+            METHODS.get("diffusion_nft"), ShapesGenEval(), loop, Processes(rank=rank, world_size=processes)
+        )
         assert share.stop - share.start == 48 * 24 // processes
 
 
@@ -200,3 +209,31 @@ def test_diffrl_run_under_accelerate_launch_writes_one_results_folder(tmp_path):
     assert sorted(set(rows["variant"])) == ["grpo", "nft"] and len(rows) == 4  # 2 cells x (base + final)
     for label in ("nft", "grpo"):
         assert json.loads((out / "cells" / label / "seed0" / "status.json").read_text())["status"] == "done"
+
+
+class _NotCheckedForFSDP(DiffusionNFT):
+    """A registered-for-the-test method that declares it has not been checked under FSDP."""
+
+    capabilities = dataclasses.replace(DiffusionNFT.capabilities, fsdp=False)
+
+
+def test_a_method_not_checked_for_fsdp_is_refused_before_any_compute(tmp_path, monkeypatch):
+    import harness.runner as runner
+    from harness.suite import validate_suite
+
+    fsdp_two = Processes(rank=0, world_size=2, fsdp=True)
+    loop = LoopConfig(prompts_per_iteration=2, images_per_prompt=2)
+    check_geometry(DiffusionNFT, ShapesGenEval(), loop, fsdp_two)
+    with pytest.raises(ValueError, match="method 'unchecked' is not supported under FSDP .*launch it data-parallel"):
+        check_geometry(_NotCheckedForFSDP, ShapesGenEval(), loop, fsdp_two, label="unchecked")
+    monkeypatch.setattr(runner, "load_policy", lambda *args: pytest.fail("a model was loaded before the refusal"))
+    suite = {
+        "name": "fsdp",
+        "rewards": {"shapes_geneval": {}},
+        "methods": [{"label": "nft", "method": "diffusion_nft"}, {"label": "unchecked", "method": "unchecked"}],
+        "budget": {"amount": 1},
+    }
+    refused = pytest.raises(ValueError, match="method 'unchecked' is not supported under FSDP")
+    with METHODS.temporarily("unchecked", f"{__name__}:_NotCheckedForFSDP"), refused:
+        runner.run_suite(validate_suite(suite), tmp_path / "out", progress=False, processes=fsdp_two)
+    assert not (tmp_path / "out").exists()

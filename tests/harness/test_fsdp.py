@@ -16,13 +16,15 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.gpu.sd3_check import Brightness, FixedPrompts
+from harness.bench.sd3_check import Brightness, FixedPrompts
 from harness.distributed import SINGLE, Processes
-from harness.fsdp import check_method, requested, shard_policy
+from harness.fsdp import requested, shard_policy
 from harness.optim import OptimConfig
 from harness.store import read_results
-from harness.trainer import LoopConfig, check_geometry, train
-from methods.diffusion_nft import DiffusionNFTConfig
+from harness.trainer import LoopConfig, check_fsdp, check_geometry, train
+from methods import METHODS
+from methods.base import Capabilities
+from methods.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from rewards.shapes import ShapesGenEval
 from tests.conftest import make_tiny_policy
 from tests.harness import fsdp_worker as worker
@@ -113,7 +115,7 @@ def test_training_under_fsdp_equals_data_parallel_and_resumes(launch):
     assert_close(first["weights"], second["weights"])
 
 
-@pytest.mark.parametrize("name", sorted(worker.METHOD_RUNS))
+@pytest.mark.parametrize("name", worker.FSDP_METHODS)
 def test_every_method_under_fsdp_equals_data_parallel(launch, name):
     _, reports = launch
     for report in reports:
@@ -128,7 +130,7 @@ def test_every_method_under_fsdp_equals_data_parallel(launch, name):
     }
     # Where the processes keep different numbers of samples, FSDP padded the lighter one with filler passes
     # (counted); where they always keep equal shares, nothing was added.
-    assert fillers[name] > 0 if name in ("flow_grpo", "flow_grpo_fast", "raft", "online_dpo") else fillers[name] == 0
+    assert fillers[name] > 0 if METHODS.get(name).capabilities.trains_on_subset else fillers[name] == 0
 
 
 def test_checkpoint_saved_under_fsdp_loads_in_one_process(launch, tmp_path):
@@ -137,7 +139,7 @@ def test_checkpoint_saved_under_fsdp_loads_in_one_process(launch, tmp_path):
     shutil.copy(out / "fsdp.pt", checkpoint)
     policy = make_tiny_policy(seed=0, depth=worker.DEPTH)
     loop = LoopConfig(iterations=2, prompts_per_iteration=2, images_per_prompt=2)
-    result = train("diffusion_nft", DiffusionNFTConfig(num_steps=2), policy, worker.ShapesBenchmark(), ShapesGenEval(),
+    result = train(DiffusionNFT, DiffusionNFTConfig(num_steps=2), policy, worker.ShapesBenchmark(), ShapesGenEval(),
                    loop, OptimConfig(lr=1e-3), progress=False, checkpoint=checkpoint)  # fmt: skip
     assert result.resumed_from == 2 and len(result.evaluations) == 2
     sharded = reports[0]["end_to_end"]["fsdp"]
@@ -172,7 +174,7 @@ def test_sd3_lora_training_under_fsdp_checkpoints_and_saves_the_lora(launch, sd3
     shutil.copy(out / "sd3_fsdp.pt", checkpoint)
     policy = worker.load_sd3(sd3_pipeline)
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=2, images_per_prompt=2)
-    result = train("diffusion_nft", DiffusionNFTConfig(num_steps=2, train_batch_size=4), policy,
+    result = train(DiffusionNFT, DiffusionNFTConfig(num_steps=2, train_batch_size=4), policy,
                    FixedPrompts(name="tiny", prompts=tuple(worker.SD3_PROMPTS[:3])), Brightness(), loop,
                    OptimConfig(lr=1e-2), progress=False, checkpoint=checkpoint)  # fmt: skip
     assert result.resumed_from == 1
@@ -182,9 +184,10 @@ def test_sd3_lora_training_under_fsdp_checkpoints_and_saves_the_lora(launch, sd3
 
 def test_unsupported_fsdp_settings_are_refused_before_any_compute(monkeypatch):
     loop = LoopConfig(prompts_per_iteration=2, images_per_prompt=2)
-    check_geometry("flow_grpo", ShapesGenEval(), loop, FSDP_TWO)
+    check_geometry(METHODS.get("flow_grpo"), ShapesGenEval(), loop, FSDP_TWO)
+    unchecked = type("MyMethod", (), {"capabilities": Capabilities(fsdp=False)})  # not checked for equal passes
     with pytest.raises(ValueError, match="'my_method' is not supported under FSDP"):
-        check_method("my_method")  # a method not checked for equal passes
+        check_fsdp(unchecked, "my_method")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="cannot be sharded with FSDP"):
         shard_policy(object(), torch.device("cpu"), 2, True)
     with pytest.raises(ValueError, match="parameters are on \\['cpu'\\] but this launch communicates on 'cuda'"):

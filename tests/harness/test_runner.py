@@ -20,7 +20,8 @@ from harness.cli import main
 from harness.runner import run_suite
 from harness.store import read_results
 from harness.suite import validate_suite
-from rewards.base import RewardError
+from harness.types import RewardError, RewardSpec
+from rewards import REWARDS
 
 TINY = {
     "name": "tiny",
@@ -162,16 +163,24 @@ def test_kill_9_mid_run_then_rerun_gives_the_same_table(uninterrupted, tmp_path)
     pd.testing.assert_frame_equal(numbers(read_results(out)), numbers(read_results(uninterrupted)))
 
 
+class CrashingReward:
+    """A registered-for-the-test reward whose scorer always crashes."""
+
+    spec = RewardSpec(name="crashing", version="0", description="raises on every call")
+
+    def __call__(self, images, prompts):
+        raise RewardError("scorer crashed")
+
+
 def test_the_cli_reports_a_failed_cell_in_its_exit_status(tmp_path, capsys):
     broken = {**TINY, "seeds": [0], "methods": [
-        TINY["methods"][0],
-        {"label": "bad", "method": "flow_grpo",
-         "config": {"num_steps": 2, "rollout_cfg": 2.0, "train_cfg": 1.0, "check_on_policy": True}},
+        TINY["methods"][0], {**TINY["methods"][0], "label": "bad", "rewards": {"crashing": {}}},
     ], "report": {}}  # fmt: skip
     suite_file = tmp_path / "broken.yaml"
     suite_file.write_text(yaml.safe_dump(broken))
-    assert main(["run", str(suite_file), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
-    assert "FAILED bad seed 0: ValueError: check_on_policy needs rollout_cfg == train_cfg" in capsys.readouterr().err
+    with REWARDS.temporarily("crashing", f"{__name__}:CrashingReward"):
+        assert main(["run", str(suite_file), "--out", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "FAILED bad seed 0: RewardError: scorer crashed" in capsys.readouterr().err
     readme = (tmp_path / "out/README.md").read_text()
     assert "## Failed cells" in readme and "bad seed 0" in readme
 
@@ -207,7 +216,7 @@ def test_trackers_log_each_cell_through_accelerate(tmp_path):
 
 
 def test_bench_overhead_splits_a_fresh_run_of_a_suite(tmp_path):
-    from harness.perf import bench_overhead
+    from harness.bench.methods import bench_overhead
 
     suite_file = tmp_path / "one.yaml"
     suite_file.write_text(yaml.safe_dump({**TINY, "seeds": [0], "methods": TINY["methods"][:1], "report": {}}))

@@ -5,13 +5,14 @@ import torch
 
 from harness.samplers import (
     CPS,
+    SAMPLERS,
     DPMSolverPP2M,
     EulerODE,
     FlowSDE,
     flow_schedule,
-    flow_sde_step,
     gaussian_log_prob,
     make_sampler,
+    noised,
 )
 
 MU, S = 0.7, 0.4  # data x0 ~ N(MU, S²) per dimension
@@ -56,29 +57,51 @@ def test_flow_sde_at_zero_noise_is_the_euler_step():
         sde = FlowSDE(noise_level=0.0).step(v, x, t, t_next, noise=torch.randn_like(x))
         euler = EulerODE().step(v, x, t, t_next)
         assert torch.allclose(sde.x_next, euler.x_next, atol=1e-6)
-        prev, _, mean, std_dev_t = flow_sde_step(v, x, t, t_next, noise_level=1e-8, noise=torch.randn_like(x))
-        assert torch.allclose(prev, euler.x_next, atol=1e-5)
+        tiny = FlowSDE(noise_level=1e-8).step(v, x, t, t_next, noise=torch.randn_like(x))
+        assert torch.allclose(tiny.x_next, euler.x_next, atol=1e-5)
 
 
 def test_flow_sde_log_prob_is_the_gaussian_density():
     x, v = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
     t, t_next = torch.full((5,), 0.6), torch.full((5,), 0.5)
-    prev, log_prob, mean, std_dev_t = flow_sde_step(v, x, t, t_next, noise_level=0.7)
-    std = std_dev_t * (t - t_next).sqrt().reshape(-1, 1, 1, 1)
-    expected = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(prev).mean(dim=(1, 2, 3))
-    assert torch.allclose(log_prob, expected, atol=1e-5)
-    # Given a prev_sample, it returns that sample's log-prob.
-    other = torch.randn_like(x)
-    _, other_log_prob, _, _ = flow_sde_step(v, x, t, t_next, prev_sample=other)
+    sde = FlowSDE(noise_level=0.7)
+    step = sde.step(v, x, t, t_next, noise=torch.randn_like(x))
+    std = step.sigma * (t - t_next).sqrt().reshape(-1, 1, 1, 1)
+    assert torch.allclose(step.std, std)
+    expected = torch.distributions.Normal(step.mean, std.expand_as(step.mean)).log_prob(step.x_next).mean(dim=(1, 2, 3))
+    assert torch.allclose(sde.log_prob(step.x_next, step), expected, atol=1e-5)
+    # Replayed without noise, the transition scores any stored sample.
+    other, replay = torch.randn_like(x), sde.step(v, x, t, t_next)
+    assert torch.equal(replay.mean, step.mean)
     assert torch.allclose(
-        other_log_prob,
-        torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(other).mean(dim=(1, 2, 3)),
+        sde.log_prob(other, replay),
+        torch.distributions.Normal(step.mean, std.expand_as(step.mean)).log_prob(other).mean(dim=(1, 2, 3)),
         atol=1e-5,
     )
     # σ_t without the sqrt(−dt) factor; the t = 1 guard uses the next time in the denominator.
-    assert torch.allclose(std_dev_t.flatten(), 0.7 * torch.sqrt(t / (1 - t)))
-    _, lp1, _, sd1 = flow_sde_step(v, x, torch.ones(5), torch.full((5,), 0.9))
-    assert torch.isfinite(lp1).all() and torch.allclose(sd1.flatten(), torch.full((5,), 0.7 * (1 / 0.1) ** 0.5))
+    assert torch.allclose(step.sigma.flatten(), 0.7 * torch.sqrt(t / (1 - t)))
+    first = sde.step(v, x, torch.ones(5), torch.full((5,), 0.9), noise=torch.randn_like(x))
+    assert torch.isfinite(sde.log_prob(first.x_next, first)).all()
+    assert torch.allclose(first.sigma.flatten(), torch.full((5,), 0.7 * (1 / 0.1) ** 0.5))
+
+
+def test_samplers_draw_no_randomness():
+    x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    state = torch.get_rng_state()
+    for sampler in (EulerODE(), DPMSolverPP2M(), FlowSDE(0.7), CPS(0.8)):
+        step = sampler.step(v, x, 0.5, 0.4)
+        assert torch.equal(step.x_next, step.mean)  # no noise given: the mean (a replay)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_noised_is_the_forward_process_for_any_rank():
+    for shape in [(2, 5), (2, 3, 4, 4), (2, 1, 3, 4, 4)]:
+        x0, noise = torch.randn(shape), torch.randn(shape)
+        t = torch.tensor([0.25, 1.0])
+        got = noised(x0, noise, t)
+        assert torch.allclose(got[0], 0.75 * x0[0] + 0.25 * noise[0]) and torch.equal(got[1], noise[1])
+    with pytest.raises(ValueError, match="shape"):
+        noised(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0.5]))
 
 
 def test_sampler_log_prob_matches_transition():
@@ -112,3 +135,23 @@ def test_flow_schedule_shift():
     assert torch.allclose(flow_schedule(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
     shifted = flow_schedule(10, shift=3.0)
     assert shifted[0] == 1.0 and shifted[-1] == 0.0 and shifted[5] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_keeps_the_one_step_contract(name):
+    """Shapes, dtypes, the replay (no noise → the mean), and the log-prob only where the step is stochastic."""
+    sampler = make_sampler(name)
+    x, v, noise = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    for t, t_next in [(1.0, 0.8), (0.6, 0.4), (0.2, 0.0)]:
+        step = sampler.step(v, x, t, t_next, noise=noise)
+        replay = sampler.step(v, x, t, t_next)
+        assert step.x_next.shape == step.mean.shape == step.x0_pred.shape == x.shape
+        assert step.std.shape == step.sigma.shape == (3, 1, 1, 1)
+        assert torch.equal(replay.mean, step.mean) and torch.equal(replay.x_next, replay.mean)
+        if sampler.stochastic:
+            assert torch.allclose(step.x_next, step.mean + step.std * noise)
+            assert sampler.log_prob(step.x_next, replay).shape == (3,)
+        else:
+            assert torch.equal(step.x_next, step.mean) and not step.std.any()
+            with pytest.raises(TypeError, match="deterministic"):
+                sampler.log_prob(step.x_next, step)

@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import benchmarks.gpu.sd3_check as sd3_check
+import harness.bench.sd3_check as sd3_check
 import harness.runner as runner
 from harness.config import ConfigError
 from harness.distributed import Processes
 from harness.policies.flux import DEFAULT_MODEL, FluxLoRAConfig, FluxPolicy, FluxPolicyConfig, dynamic_shift_mu
-from harness.registry import Entry
 from harness.runner import SuiteOutcome, run_suite
 from harness.store import read_results
 from harness.suite import load_suite, validate_suite
-from harness.suite_model import CFG_FIELDS, FLUX_DEV_SCHEDULER, expected_flux_shift
+from harness.suite_model import FLUX_DEV_SCHEDULER, expected_flux_shift
 from methods import METHODS
 from rewards import REWARDS
 from tests.harness.policies import tiny_flux
@@ -193,12 +192,14 @@ def test_true_cfg_is_refused_naming_the_key_and_the_distilled_guidance(pipeline,
     assert "suite.model.options.guidance (3.5)" in message and "FlowGRPO's FLUX configs (cfg 1)" in message
 
 
-def test_every_cfg_field_of_a_registered_method_is_checked():
-    """A new method whose config sets CFG under another name must join CFG_FIELDS (or FLUX runs fail late)."""
+def test_every_cfg_field_of_a_registered_method_is_declared():
+    """A method whose config sets CFG must declare the field in capabilities.guidance_fields (or FLUX runs fail late)."""
     for name in METHODS.keys():  # noqa: SIM118 (a Registry, not a dict)
-        fields = {f.name for f in dataclasses.fields(METHODS.get(name).Config)}
+        method_cls = METHODS.get(name)
+        fields = {f.name for f in dataclasses.fields(method_cls.Config)}
         cfg_like = {f for f in fields if "cfg" in f or "guidance" in f}
-        assert cfg_like <= set(CFG_FIELDS), (name, cfg_like - set(CFG_FIELDS))
+        declared = set(method_cls.capabilities.guidance_fields)
+        assert cfg_like == declared, (name, cfg_like ^ declared)
 
 
 def test_the_expected_shift_is_the_loaded_policys_schedule_shift(pipeline):
@@ -237,7 +238,7 @@ def test_an_unshifted_schedule_is_refused_and_another_shift_is_a_warning(pipelin
 @pytest.fixture
 def no_downloads(tmp_path, monkeypatch):
     """An empty prompt-file cache, and any download attempt fails."""
-    import benchmarks.prompt_sets.files as files
+    import harness.data_files as files
 
     def refuse(file, path):
         raise AssertionError(f"validation downloaded {file.key}")
@@ -283,16 +284,15 @@ def test_load_policy_puts_flux_on_the_process_gpu(pipeline, monkeypatch):
 def tiny_run(pipeline, tmp_path_factory) -> Iterator[tuple[dict, Path, SuiteOutcome]]:
     """(suite data, results folder, outcome) of TINY_FLUX on the tiny pipeline, offline.
 
-    Training uses a test-only reward, mean brightness (benchmarks/gpu/sd3_check.py): the rule-based shapes
+    Training uses a test-only reward, mean brightness (harness/bench/sd3_check.py): the rule-based shapes
     reward gives every image of a group the same score on this random model, and FlowGRPO then skips the update.
     """
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setitem(REWARDS._entries, "brightness", Entry("brightness", f"{sd3_check.__name__}:Brightness", "test"))
-        patch.setattr(REWARDS, "_loaded", dict(REWARDS._loaded))
-        data = {**tiny(pipeline), "rewards": {"brightness": {}}}
-        yield data, out, run_suite(validate_suite(data), out, progress=False)
+        with REWARDS.temporarily("brightness", f"{sd3_check.__name__}:Brightness"):
+            data = {**tiny(pipeline), "rewards": {"brightness": {}}}
+            yield data, out, run_suite(validate_suite(data), out, progress=False)
 
 
 def test_a_suite_trains_the_tiny_flux_pipeline_end_to_end(tiny_run):

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import benchmarks.gpu.sd3_check as sd3_check
+import harness.bench.sd3_check as sd3_check
 import harness.runner as runner
 from harness.config import ConfigError
 from harness.policies.sd3 import DEFAULT_MODEL, SD3LoRAConfig, SD3PolicyConfig
-from harness.registry import Entry
 from harness.runner import SuiteOutcome, run_suite
 from harness.store import read_results
 from harness.suite import load_suite, validate_suite
@@ -132,7 +131,7 @@ def test_benchmark_reward_options_need_a_named_reward():
 @pytest.fixture
 def no_downloads(tmp_path, monkeypatch):
     """An empty prompt-file cache, and any download attempt fails."""
-    import benchmarks.prompt_sets.files as files
+    import harness.data_files as files
 
     def refuse(file, path):
         raise AssertionError(f"validation downloaded {file.key}")
@@ -169,17 +168,16 @@ def test_the_builtin_sd35_suite_validates_offline_with_the_official_recipes(no_d
 def tiny_run(tmp_path_factory) -> Iterator[tuple[dict, Path, SuiteOutcome]]:
     """(suite data, results folder, outcome) of TINY_SD3 on the tiny pipeline, offline.
 
-    Training uses a test-only reward, mean brightness (benchmarks/gpu/sd3_check.py): the rule-based shapes
+    Training uses a test-only reward, mean brightness (harness/bench/sd3_check.py): the rule-based shapes
     reward gives every image of a group the same score on this random model, and FlowGRPO then skips the update.
     """
     pipeline = save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3"))
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setitem(REWARDS._entries, "brightness", Entry("brightness", f"{sd3_check.__name__}:Brightness", "test"))
-        patch.setattr(REWARDS, "_loaded", dict(REWARDS._loaded))
-        data = {**with_model(checkpoint=str(pipeline)), "rewards": {"brightness": {}}}
-        yield data, out, run_suite(validate_suite(data), out, progress=False)
+        with REWARDS.temporarily("brightness", f"{sd3_check.__name__}:Brightness"):
+            data = {**with_model(checkpoint=str(pipeline)), "rewards": {"brightness": {}}}
+            yield data, out, run_suite(validate_suite(data), out, progress=False)
 
 
 def test_a_suite_trains_the_tiny_sd3_pipeline_end_to_end(tiny_run):

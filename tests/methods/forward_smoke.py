@@ -7,13 +7,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.base import Prompt
 from benchmarks.shapes.benchmark import ShapesBenchmark
-from benchmarks.shapes.world import make_metadata
 from harness.compute import CountingPolicy, Ledger
 from harness.optim import OptimConfig, Optimization
+from harness.shapes_world.world import make_metadata
 from harness.trainer import LoopConfig, train
-from rewards.base import RewardSpec
+from harness.types import Prompt, RewardSpec
+from methods import METHODS
 from rewards.shapes import ShapesGenEval
 
 
@@ -49,7 +49,9 @@ def loop_smoke(name: str, cfg: Any, tiny_policy: Any) -> list[dict[str, float]]:
     ref_before = tiny_policy.weight_state("ref")
     loop = LoopConfig(iterations=2, prompts_per_iteration=2, images_per_prompt=3, evaluate=False)
     bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
-    result = train(name, cfg, tiny_policy, bench, ShapesGenEval(), loop, OptimConfig(lr=1e-3), progress=False)
+    result = train(
+        METHODS.get(name), cfg, tiny_policy, bench, ShapesGenEval(), loop, OptimConfig(lr=1e-3), progress=False
+    )
     after, ref_after = tiny_policy.weight_state("train"), tiny_policy.weight_state("ref")
     assert any(not torch.equal(before[k], after[k]) for k in before), f"{name}: θ did not change"
     assert all(torch.equal(ref_before[k], ref_after[k]) for k in ref_before), f"{name}: the reference changed"

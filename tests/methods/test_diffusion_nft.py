@@ -107,10 +107,10 @@ def test_soft_update_schedules():
 
 
 def test_update_costs_three_passes_per_sample_step_and_moves_only_theta(tiny_policy):
-    from benchmarks.base import Prompt
-    from benchmarks.shapes.world import make_metadata
     from harness.compute import CountingPolicy, Ledger
     from harness.optim import OptimConfig, Optimization
+    from harness.shapes_world.world import make_metadata
+    from harness.types import Prompt
     from methods.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 
     ledger = Ledger()

@@ -9,15 +9,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from benchmarks.base import Prompt
 from benchmarks.shapes.benchmark import ShapesBenchmark
 from harness.config import ConfigError, build
 from harness.optim import OptimConfig, Optimization
 from harness.policy import Cond
 from harness.samplers import flow_schedule
 from harness.trainer import LoopConfig, build_method, train
+from harness.types import Prompt, RewardSpec
 from methods.draft import DRAFT_LV, REFL, DRaFT, DRaFTConfig, reward_loss
-from rewards.base import RewardSpec
 from rewards.shapes import ShapesGenEval
 from tests.methods.forward_smoke import Redness, counted, group_prompts
 
@@ -63,7 +62,9 @@ class Identity:
 def gradient_of_update(cfg: DRaFTConfig, theta: float = 0.3, batch: int = 4) -> tuple[Tensor, Tensor, Tensor]:
     """(dL/dθ seen by the optimizer, the collected chain's latents, x0) for one update on ScalarFlow."""
     policy = ScalarFlow(theta)
-    optim = Optimization(policy.trainable_parameters(), OptimConfig(lr=0.0, weight_decay=0.0))
+    optim = Optimization(
+        policy.trainable_parameters(), OptimConfig(lr=1e-3, weight_decay=0.0)
+    )  # grads are read before the one step
     grads: list[Tensor] = []
     step = optim.step
     optim.step = lambda: (grads.append(policy.theta.grad.clone()), step())[1]  # type: ignore[method-assign]
@@ -166,9 +167,9 @@ def test_config_refuses_what_cannot_work():
 
 def test_a_non_differentiable_reward_is_refused_before_any_compute(tiny_policy):
     with pytest.raises(ValueError, match="'shapes_geneval', which is not differentiable"):
-        build_method("draft", DRaFTConfig(), tiny_policy, OptimConfig(), ShapesGenEval())
+        build_method(DRaFT, DRaFTConfig(), tiny_policy, OptimConfig(), ShapesGenEval())
     with pytest.raises(ValueError, match="was given no reward"):
-        build_method("draft", DRaFTConfig(), tiny_policy, OptimConfig())
+        build_method(DRaFT, DRaFTConfig(), tiny_policy, OptimConfig())
     bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
 
     def no_compute(*args: object) -> None:
@@ -176,14 +177,14 @@ def test_a_non_differentiable_reward_is_refused_before_any_compute(tiny_policy):
 
     tiny_policy.velocity = no_compute  # the base-model evaluation would be the first call
     with pytest.raises(ValueError, match="not differentiable"):
-        train("draft", DRaFTConfig(), tiny_policy, bench, ShapesGenEval(), LoopConfig(iterations=1), OptimConfig(),
+        train(DRaFT, DRaFTConfig(), tiny_policy, bench, ShapesGenEval(), LoopConfig(iterations=1), OptimConfig(),
               progress=False)  # fmt: skip
 
 
 def test_two_iterations_raise_the_differentiable_reward(tiny_policy):
     loop = LoopConfig(iterations=3, prompts_per_iteration=2, images_per_prompt=4, evaluate=False)
     bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
-    result = train("draft", DRaFTConfig(num_steps=3), tiny_policy, bench, Redness(), loop, OptimConfig(lr=3e-3),
+    result = train(DRaFT, DRaFTConfig(num_steps=3), tiny_policy, bench, Redness(), loop, OptimConfig(lr=3e-3),
                    progress=False)  # fmt: skip
     rewards = [row["train/reward_mean"] for row in result.iterations]
     assert rewards[-1] > rewards[0]  # the reward's gradient, followed with a large lr, raises it

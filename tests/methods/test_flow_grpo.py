@@ -3,20 +3,24 @@
 import pytest
 import torch
 
-from benchmarks.base import Prompt
-from benchmarks.shapes.world import make_metadata
 from harness.compute import CountingPolicy, Ledger
 from harness.optim import OptimConfig, Optimization
-from methods.flow_grpo import FlowGRPO, FlowGRPOConfig, flow_sde_step, gaussian_kl_mean, grpo_loss
+from harness.samplers import FlowSDE
+from harness.shapes_world.world import make_metadata
+from harness.types import Prompt
+from methods.flow_grpo import FlowGRPO, FlowGRPOConfig, gaussian_kl_mean, grpo_loss
 
 
-def test_flow_sde_step_reexported_with_official_semantics():
+def test_flow_sde_step_has_the_official_semantics():
     x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    prev, log_prob, mean, std_dev_t = flow_sde_step(v, x, 0.5, 0.4, noise_level=1e-9, noise=torch.randn_like(x))
+    prev = FlowSDE(1e-9).step(v, x, 0.5, 0.4, noise=torch.randn_like(x)).x_next
     assert torch.allclose(prev, x + (0.4 - 0.5) * v, atol=1e-5)
-    _, log_prob, mean, std_dev_t = flow_sde_step(v, x, 0.5, 0.4, prev_sample=prev)
-    std = std_dev_t * 0.1**0.5
-    assert torch.allclose(log_prob, torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3)), atol=1e-5)
+    sde = FlowSDE(0.7)
+    replay = sde.step(v, x, 0.5, 0.4)  # no noise: the transition's mean and std, to score a stored sample
+    assert torch.equal(replay.x_next, replay.mean)
+    assert torch.allclose(replay.std, replay.sigma * 0.1**0.5)  # σ_t·sqrt(−dt); sigma is σ_t (the KL's)
+    normal = torch.distributions.Normal(replay.mean, replay.std.expand_as(replay.mean))
+    assert torch.allclose(sde.log_prob(prev, replay), normal.log_prob(prev).mean(dim=(1, 2, 3)), atol=1e-5)
 
 
 def test_grpo_loss_clip_and_kl():
@@ -42,7 +46,7 @@ def test_gaussian_kl_mean_hand_computed():
     # Sample 1: Δμ = (1, 2) → mean Δμ² = 2.5, σ = 0.5 → 2.5/(2·0.25) = 5; sample 2: Δμ = (0, −2) → 2/(2·4) = 0.25.
     mean = torch.tensor([[1.0, 3.0], [0.0, 0.0]]).reshape(2, 1, 1, 2)
     mean_ref = torch.tensor([[0.0, 1.0], [0.0, 2.0]]).reshape(2, 1, 1, 2)
-    sigma = torch.tensor([0.5, 2.0]).reshape(2, 1, 1, 1)  # (B, 1, 1, 1), as flow_sde_step returns σ_t
+    sigma = torch.tensor([0.5, 2.0]).reshape(2, 1, 1, 1)  # (B, 1, 1, 1), as Transition.sigma holds σ_t
     assert gaussian_kl_mean(mean, mean_ref, sigma).tolist() == [5.0, 0.25]
     assert torch.equal(gaussian_kl_mean(mean, mean_ref, sigma.flatten()), gaussian_kl_mean(mean, mean_ref, sigma))
     # It is the closed-form KL of N(μ, σ²I) to N(μ_ref, σ²I), divided by the dimension (a mean, not a sum).
@@ -80,7 +84,8 @@ def test_first_ratio_is_one_on_policy_and_the_meter_counts(tiny_policy, cfg_scal
         from harness.policy import guided_velocity
 
         v = guided_velocity(method.policy, x, steps[0].expand(6), rollout.cond, method._uncond(6), cfg_scale)
-        _, log_prob, _, _ = flow_sde_step(v, x, steps[0], steps[1], prev_sample=x_next)
+        sde = FlowSDE(method.cfg.noise_level)
+        log_prob = sde.log_prob(x_next, sde.step(v, x, steps[0], steps[1]))
     assert torch.equal(log_prob, rollout.trajectory.log_probs[:, 0])  # exactly the rollout's log-prob
     rewards = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.4, 0.3])
     with ledger.phase("training"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.rollout import rollout
-from harness.samplers import EulerODE
+from harness.samplers import CPS, EulerODE
 from methods.flow_grpo import gaussian_kl_mean
 from methods.flow_grpo_fast import (
     NOCFG_RECIPE,
@@ -15,7 +15,6 @@ from methods.flow_grpo_fast import (
     FlowGRPOFast,
     FlowGRPOFastConfig,
     draw_window_start,
-    window_step,
 )
 from tests.methods.forward_smoke import counted, group_prompts, loop_smoke
 
@@ -37,15 +36,17 @@ def test_cps_window_step_hand_computed():
     s = 0.4 * math.sin(0.4 * math.pi)
     mu = 2 * math.sqrt(0.16 - s**2)
     x_next = torch.tensor([[mu + 0.3]])
-    _, log_prob, mean, sigma = window_step("cps", 0.8, v, x, torch.tensor(0.5), torch.tensor(0.4), x_next)
+    cps = CPS(0.8)
+    step = cps.step(v, x, torch.tensor(0.5), torch.tensor(0.4))
+    log_prob, mean, sigma = cps.log_prob(x_next, step), step.mean, step.sigma
     assert mean.item() == pytest.approx(mu, rel=1e-6) and sigma.item() == pytest.approx(s, rel=1e-6)
     assert log_prob.item() == pytest.approx(-(0.3**2), rel=1e-5)  # official: −mean((x' − μ)²), no 1/(2s²)
     with pytest.raises(ValueError, match="sde_type"):
-        window_step("dance", 0.8, v, x, torch.tensor(0.5), torch.tensor(0.4), x_next)
+        FlowGRPOFastConfig(sde_type="dance")
     # The KL uses σ = s for CPS: with a reference velocity 1, μ_ref = 0.6·1 + sqrt(0.16 − s²)·1.5, so
     # KL = (μ − μ_ref)²/(2s²) (one dim, FlowGRPO's gaussian_kl_mean).
-    _, _, mean_ref, sigma_ref = window_step("cps", 0.8, torch.tensor([[1.0]]), x, torch.tensor(0.5),
-                                            torch.tensor(0.4), x_next)  # fmt: skip
+    reference = cps.step(torch.tensor([[1.0]]), x, torch.tensor(0.5), torch.tensor(0.4))
+    mean_ref, sigma_ref = reference.mean, reference.sigma
     mu_ref = 0.6 * 0.5 + math.sqrt(0.16 - s**2) * 1.5
     assert mean_ref.item() == pytest.approx(mu_ref, rel=1e-6) and sigma_ref.item() == pytest.approx(s, rel=1e-6)
     kl = gaussian_kl_mean(mean, mean_ref, sigma)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness.policy import Cond
-from harness.samplers import CPS, DPMSolverPP2M, FlowSDE
+from harness.samplers import CPS, DPMSolverPP2M, FlowSDE, noised
 from methods.base import Rollout
 from methods.forward_process import (
     RefreshedFlowMatching,
@@ -13,7 +13,6 @@ from methods.forward_process import (
     group_members,
     logit_normal_times,
     make_collection_sampler,
-    noised,
     train_weighted_flow_matching,
     weighted_flow_matching_loss,
 )
@@ -25,14 +24,6 @@ from tests.methods.forward_smoke import group_prompts
 X0 = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
 NOISE = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
 V = torch.tensor([[1.0, -1.0], [3.0, 0.0]])
-
-
-def test_noised_is_the_rectified_flow_interpolation():
-    x0, noise = torch.tensor([[[[2.0]]], [[[4.0]]]]), torch.tensor([[[[-2.0]]], [[[0.0]]]])
-    got = noised(x0, noise, torch.tensor([0.25, 1.0]))
-    assert got.flatten().tolist() == [0.75 * 2 + 0.25 * -2, 0.0]
-    with pytest.raises(ValueError, match="t must have shape"):
-        noised(x0, noise, torch.tensor([0.5]))
 
 
 def test_flow_matching_error_and_weighted_loss_hand_computed():

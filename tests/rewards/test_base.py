@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.base import Prompt
-from benchmarks.shapes.render import render
-from benchmarks.shapes.world import make_metadata
+from harness.shapes_world.render import render
+from harness.shapes_world.world import make_metadata
+from harness.types import Prompt, RewardError, RewardSpec, check_scores
 from rewards import REWARDS
-from rewards.base import RewardError, RewardSpec, WeightedReward, check_scores
+from rewards.base import WeightedReward
 
 
 class Constant:

@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from benchmarks.base import Prompt
+from harness.types import Prompt, RewardError
 from rewards._clip import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
@@ -18,7 +18,6 @@ from rewards._clip import (
     resize_shortest_edge,
 )
 from rewards.aesthetic import Aesthetic
-from rewards.base import RewardError
 from rewards.clipscore import CLIPScore
 from rewards.pickscore import PickScore
 from tests.rewards.tiny_scorers import CLIP_IMAGE

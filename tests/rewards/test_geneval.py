@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from rewards.geneval import (
+from harness.geneval_rules import (
     Detection,
     GenEvalRules,
     MetadataError,

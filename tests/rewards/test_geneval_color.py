@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards.base import RewardError
-from rewards.geneval import GENEVAL_COLORS
+from harness.geneval_rules import GENEVAL_COLORS
+from harness.types import RewardError
 from rewards.geneval_detect.base import Instance
 from rewards.geneval_detect.color import (
     COLOR_TEMPLATES,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.base import RewardError
+from harness.types import RewardError
 from rewards.geneval_detect import make_detector, masks_to_boxes, mmdet_backend
 from rewards.geneval_detect.base import group_by_class
 from rewards.geneval_detect.hf_backend import HFMask2FormerDetector, check_label_map, mask2former_instances

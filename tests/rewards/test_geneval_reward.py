@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.base import Prompt
+from harness.geneval_rules import GENEVAL_COLORS, GenEvalRules, MetadataError
+from harness.images import to_uint8
+from harness.types import Prompt, Reward, RewardError
 from rewards import REWARDS
-from rewards.base import Reward, RewardError
-from rewards.geneval import GENEVAL_COLORS, GenEvalRules, MetadataError
 from rewards.geneval_reward import GenEvalReward
-from rewards.shapes import to_uint8
 from tests.rewards.geneval_fakes import PaletteColors, ScriptedDetector, paint, save_tiny_mask2former
 from tests.rewards.tiny_scorers import save_tiny_clip
 

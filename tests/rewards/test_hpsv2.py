@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.base import Prompt
+from harness.types import Prompt, RewardError
 from rewards._clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
-from rewards.base import RewardError
 from rewards.hpsv2 import HPSv2, hps_tokenizer
 from tests.rewards.tiny_scorers import CLIP_IMAGE
 

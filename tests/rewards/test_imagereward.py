@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.base import Prompt
+from harness.types import Prompt, RewardError
 from rewards._clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, normalize
-from rewards.base import RewardError
 from rewards.imagereward import REWARD_MEAN, REWARD_STD, ImageReward, convert_state_dict
 from tests.rewards.tiny_scorers import BLIP_TEXT, BLIP_VISION, CLIP_IMAGE
 

@@ -11,9 +11,8 @@ import os
 import pytest
 import torch
 
-from benchmarks.base import Prompt
+from harness.types import Prompt, Reward, RewardError, check_scores
 from rewards import REWARDS
-from rewards.base import Reward, RewardError, check_scores
 
 LEARNED = ["pickscore", "hpsv2", "clipscore", "aesthetic", "imagereward"]
 PROMPTS = [Prompt("a red apple on a table"), Prompt("a photo of a cat"), Prompt("two dogs"), Prompt("a sign, open")]

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from benchmarks.base import Prompt
-from rewards.base import RewardSpec, WeightedReward
+from harness.types import Prompt, RewardSpec
+from rewards.base import WeightedReward
 from rewards.normalize import FixedRange, RunningMeanStd
 
 

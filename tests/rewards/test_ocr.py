@@ -11,9 +11,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks import BENCHMARKS
-from benchmarks.base import Prompt
+from harness.types import Prompt, Reward, RewardError
 from rewards import REWARDS
-from rewards.base import Reward, RewardError
 from rewards.ocr import (
     OCRReward,
     RapidOCREngine,

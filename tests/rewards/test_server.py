@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.base import Prompt
 from benchmarks.shapes.prompts import sample_prompts
+from harness.types import Prompt, Reward, RewardError, RewardSpec
 from rewards import server as server_module
-from rewards.base import Reward, RewardError, RewardSpec
 from rewards.server import RemoteReward, decode_batch, encode_batch, make_server, reachable_url
 from rewards.shapes import ShapesGenEval
 

@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.base import Prompt
 from benchmarks.shapes.benchmark import ShapesBenchmark
-from benchmarks.shapes.checkpoint import ChecksumError
 from benchmarks.shapes.prompts import sample_prompts
-from benchmarks.shapes.render import render
-from benchmarks.shapes.train_classifier import (
+from harness.checksums import ChecksumError
+from harness.geneval_rules import MetadataError, relative_position
+from harness.shapes_world.render import render
+from harness.shapes_world.world import SHAPES, make_metadata
+from harness.train_classifier import (
     ClassifierTrainConfig,
     clutter_scene,
     grammar_scene,
     rule_beliefs,
     train_classifier,
 )
-from benchmarks.shapes.world import SHAPES, make_metadata
+from harness.types import Prompt
 from rewards import REWARDS
-from rewards.geneval import MetadataError, relative_position
 from rewards.shapes import ShapesGenEval
 from rewards.shapes_classifier import (
     CLASSIFIER_CHECKPOINT,
@@ -118,7 +118,7 @@ def test_matched_renders_score_high_and_mismatched_lower(reward, eval_prompts):
 
 
 def test_one_hot_beliefs_reproduce_the_rule_score():
-    """The soft score's clause structure mirrors rewards.geneval.judge_partial: fed the rule detector's
+    """The soft score's clause structure mirrors harness.geneval_rules.judge_partial: fed the rule detector's
     own (one-hot) output at temperature 0, it equals the rule's score wherever no count term is negative."""
     rng = np.random.default_rng(1)
     prompts = [Prompt(md["prompt"], md) for md in sample_prompts(rng, 120)]

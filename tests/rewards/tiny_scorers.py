@@ -3,7 +3,7 @@
 Each builder writes what the real loading code reads (``save_pretrained`` directories, an open_clip
 model config + ``{"state_dict": ...}`` file, an ImageReward-layout ``.pt`` + ``med_config.json`` + a BERT
 tokenizer directory), so the scorers are tested through their real loading paths. Also used by
-``benchmarks/reward_speed.py``.
+``harness/bench/rewards.py``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.gpu.sd3_check import Brightness, FixedPrompts
+from harness.bench.sd3_check import Brightness, FixedPrompts
 from harness.optim import OptimConfig
 from harness.policies.flux import (
     FluxLoRAConfig,
@@ -26,6 +26,7 @@ from harness.policies.lora import checkpoint_ema_shadow
 from harness.policy import Policy, ResumablePolicy, guided_velocity
 from harness.samplers import EulerODE, flow_schedule
 from harness.trainer import LoopConfig, train
+from methods import METHODS
 from methods.diffusion_nft import DiffusionNFTConfig
 from methods.flow_grpo import FlowGRPOConfig
 from tests.harness.policies.tiny_flux import build_tiny_flux_pipeline, save_tiny_flux_pipeline
@@ -297,7 +298,7 @@ def test_one_iteration_through_the_trainer(pipeline_dir, tmp_path, name, method_
     start = [p.detach().clone() for p in policy.trainable_parameters()]
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=2, images_per_prompt=2)
     benchmark = FixedPrompts(name="tiny_prompts", prompts=tuple(PROMPTS))
-    result = train(name, method_cfg, policy, benchmark, Brightness(), loop, OptimConfig(lr=1e-3), progress=False,
+    result = train(METHODS.get(name), method_cfg, policy, benchmark, Brightness(), loop, OptimConfig(lr=1e-3), progress=False,
                    checkpoint=tmp_path / "run.pt")  # fmt: skip
     row = result.iterations[0]
     assert np.isfinite(row["train/grad_norm"]) and row["train/grad_norm"] > 0

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.gpu.sd3_check import Brightness, FixedPrompts
+from harness.bench.sd3_check import Brightness, FixedPrompts
 from harness.optim import OptimConfig
 from harness.policies.sd3 import SD3LoRAConfig, SD3Policy, SD3PolicyConfig, checkpoint_ema_shadow
 from harness.policy import Policy, ResumablePolicy
 from harness.samplers import EulerODE, flow_schedule
 from harness.trainer import LoopConfig, train
+from methods import METHODS
 from methods.diffusion_nft import DiffusionNFTConfig
 from methods.flow_grpo import FlowGRPOConfig
 from tests.harness.policies.tiny_sd3 import save_tiny_sd3_pipeline
@@ -268,7 +269,7 @@ def test_config_errors_name_the_field(pipeline_dir):
 
 
 def tiny_prompts() -> FixedPrompts:
-    """The benchmark of ``benchmarks/gpu/sd3_check.py`` on this file's three prompts."""
+    """The benchmark of ``harness/bench/sd3_check.py`` on this file's three prompts."""
     return FixedPrompts(name="tiny_prompts", prompts=tuple(PROMPTS))
 
 
@@ -287,7 +288,9 @@ def test_one_iteration_through_the_trainer(pipeline_dir, name, method_cfg):
     policy = load(pipeline_dir)
     start = [p.detach().clone() for p in policy.trainable_parameters()]
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=2, images_per_prompt=2)
-    result = train(name, method_cfg, policy, tiny_prompts(), Brightness(), loop, OptimConfig(lr=1e-3), progress=False)
+    result = train(
+        METHODS.get(name), method_cfg, policy, tiny_prompts(), Brightness(), loop, OptimConfig(lr=1e-3), progress=False
+    )
     row = result.iterations[0]
     assert np.isfinite(row["train/grad_norm"]) and row["train/grad_norm"] > 0
     assert result.ledger.images["sampling"] == 4 and result.ledger.backward["training"] > 0
@@ -308,7 +311,7 @@ def test_ema_weights_from_a_run_checkpoint(pipeline_dir, tmp_path, monkeypatch):
         save(path, state, policy_, optim, *args, **kwargs)
 
     monkeypatch.setattr(harness.trainer, "save_checkpoint", spy)
-    train("diffusion_nft", DiffusionNFTConfig(num_steps=2, train_batch_size=4), policy, tiny_prompts(),
+    train(METHODS.get("diffusion_nft"), DiffusionNFTConfig(num_steps=2, train_batch_size=4), policy, tiny_prompts(),
           Brightness(), loop, OptimConfig(lr=1e-2), progress=False, checkpoint=tmp_path / "run.pt")  # fmt: skip
     shadow = checkpoint_ema_shadow(tmp_path / "run.pt")
     assert all(torch.equal(a, b) for a, b in zip(shadow, saved["shadow"], strict=True))
@@ -324,7 +327,7 @@ def test_ema_weights_from_a_run_checkpoint(pipeline_dir, tmp_path, monkeypatch):
 
 def test_gpu_check_script_runs_tiny_on_cpu(monkeypatch):
     import harness.compute
-    from benchmarks.gpu.sd3_check import main
+    from harness.bench.sd3_check import main
 
     counted = []
     measure = harness.compute.measure_forward_flops

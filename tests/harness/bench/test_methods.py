@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.perf import estimate_suite_seconds, overhead_table
+from harness.bench.methods import estimate_suite_seconds, overhead_table
 
 
 def test_estimate_adds_iterations_to_the_budget_and_one_evaluation_per_point():

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.shapes.world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, validate_shapes_metadata
-from rewards.geneval import relative_position
+from harness.geneval_rules import relative_position
+from harness.shapes_world.world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, validate_shapes_metadata
 
 GAP = 2
 SIZE_RANGE = (7, 11)  # inclusive side length of an object's bounding box, pixels

@@ -5,23 +5,24 @@ pointed at the tiny checkpoints of ``tests/rewards/tiny_scorers.py`` (no real we
 the numbers measure the harness-side cost (preprocessing of full-size images, tokenisation, batching)
 plus a tiny model, not the real ViT-L/H models. OCR is the real RapidOCR engine with its shipped weights.
 
-    python -m benchmarks.reward_speed --out results/bench/reward_speed.md [--size 512] [--repeats 3]
+    diffrl bench rewards [--out results/bench] [--size 512] [--repeats 3]
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import logging
 import platform
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from benchmarks.base import Prompt
+from harness.types import Prompt
 from rewards import REWARDS
 
 logger = logging.getLogger(__name__)
@@ -54,40 +55,46 @@ def time_reward(reward, images: torch.Tensor, prompts: list[Prompt], repeats: in
     return images.shape[0] / best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("results/bench/reward_speed.md"))
-    parser.add_argument("--size", type=int, default=512, help="input image side (SD3.5 renders 512 or 1024)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batches", type=int, default=2, help="default-size batches per timed call")
-    parser.add_argument("--ocr-images", type=int, default=4)
-    parser.add_argument("--no-ocr", action="store_true")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from tests.rewards.tiny_scorers import save_all
+def _tiny_scorers() -> ModuleType:
+    """``tests/rewards/tiny_scorers.py`` of this checkout, loaded by path (the test tree is not an installed package)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "rewards" / "tiny_scorers.py"
+    spec = importlib.util.spec_from_file_location("tiny_scorers", path) if path.is_file() else None
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(
+            f"{path} not found: diffrl bench rewards runs from a source checkout (pip install -e .)"
+        )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def bench_rewards(
+    out: Path, size: int = 512, repeats: int = 3, batches: int = 2, ocr_images: int = 4, ocr: bool = True
+) -> Path:
+    """Time every learned reward on ``batches`` default-size batches (and OCR on ``ocr_images``); write
+    ``out/reward_speed.md`` and return its path."""
+    save_all = _tiny_scorers().save_all
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         options = save_all(Path(tmp))
         for key in LEARNED:
             reward = REWARDS.get(key)(**options[key])
-            n = reward.batch_size * args.batches
-            images, prompts = text_images(n, args.size)
-            rate = time_reward(reward, images, prompts, args.repeats)
+            n = reward.batch_size * batches
+            images, prompts = text_images(n, size)
+            rate = time_reward(reward, images, prompts, repeats)
             rows.append((key, "tiny random", reward.batch_size, n, rate))
             logger.info("%s: %.1f images/s", key, rate)
-    if not args.no_ocr:
+    if ocr:
         reward = REWARDS.get("ocr")()
-        images, prompts = text_images(args.ocr_images, args.size)
-        rate = time_reward(reward, images, prompts, args.repeats)
-        rows.append(("ocr", reward.spec.version, reward.engine.batch_size, args.ocr_images, rate))
+        images, prompts = text_images(ocr_images, size)
+        rate = time_reward(reward, images, prompts, repeats)
+        rows.append(("ocr", reward.spec.version, reward.engine.batch_size, ocr_images, rate))
         logger.info("ocr: %.2f images/s", rate)
-
     device = f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
     lines = [
         "# Reward scorer throughput",
         "",
-        f"Device: {device}. Images {args.size}x{args.size}, best of {args.repeats} timed calls after a warm-up.",
+        f"Device: {device}. Images {size}x{size}, best of {repeats} timed calls after a warm-up.",
         "Learned scorers use tiny random checkpoints (tests/rewards/tiny_scorers.py): this measures the harness",
         "path (preprocessing, tokenisation, batching) plus a tiny model, not the real ViT-L/H cost.",
         "",
@@ -95,11 +102,12 @@ def main() -> None:
         "|---|---|---:|---:|---:|",
         *(f"| {k} | {w} | {b} | {n} | {r:.1f} |" for k, w, b, n, r in rows),
         "",
+        f"Made by `diffrl bench rewards --size {size} --repeats {repeats} --batches {batches} --ocr-images "
+        f"{ocr_images}{'' if ocr else ' --no-ocr'} --out {out}`.",
+        "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
-    logger.info("wrote %s", args.out)
-
-
-if __name__ == "__main__":
-    main()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "reward_speed.md"
+    path.write_text("\n".join(lines))
+    logger.info("wrote %s", path)
+    return path

@@ -1,7 +1,7 @@
 """Training and measurement of the shapes classifier behind the differentiable ``shapes_classifier`` reward.
 
-Labels are the rule detector's own output (:func:`benchmarks.shapes.detect.detect` on the image
-rounded to uint8, exactly as :func:`rewards.shapes.judge_images` sees it), so any image can be a
+Labels are the rule detector's own output (:func:`harness.shapes_world.detect.detect` on the image
+rounded to uint8, exactly as :func:`harness.shapes_world.judge.judge_images` sees it), so any image can be a
 training image: renders of grammar prompts, edited renders (one object dropped, added, recoloured
 or reshaped), random clutter (0–7 objects of 4–12 px that may touch and merge), and a pool of
 samples of the committed base model (Euler and Flow-SDE, 1–10 steps, CFG 1 and 4.5, 10% empty
@@ -13,7 +13,7 @@ After training, the soft ``relative_position`` temperature is fitted on fresh he
 config.json + model.safetensors + model.safetensors.sha256.
 
 ``diffrl pretrain-reward --out DIR`` trains and then measures; ``diffrl pretrain-reward --out DIR
---measure-only`` or ``python -m benchmarks.shapes.train_classifier --measure [DIR]`` only measure:
+--measure-only`` or ``python -m harness.train_classifier --measure [DIR]`` only measure:
 they print, and write to ``DIR/agreement.md``, the agreement of the reward with
 ``ShapesGenEval(judgement="score")`` on renders and on the committed base model's eval samples
 (:func:`measure_agreement`), and a pixel-space gradient-ascent check (:func:`pixel_ascent`).
@@ -35,16 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmarks.base import Prompt
 from benchmarks.shapes.checkpoint import BASE_CHECKPOINT
-from benchmarks.shapes.detect import detect
 from benchmarks.shapes.pretrain import sha256_of
 from benchmarks.shapes.prompts import sample_prompts
-from benchmarks.shapes.render import PlacedObject, draw, layout
-from benchmarks.shapes.world import COLORS, IMAGE_SIZE, SHAPES
+from harness.geneval_rules import GenEvalRules, ScoreVariant, relative_position
+from harness.images import to_uint8
 from harness.seeding import generator
-from rewards.geneval import GenEvalRules, ScoreVariant, relative_position
-from rewards.shapes import to_uint8
+from harness.shapes_world.detect import detect
+from harness.shapes_world.render import PlacedObject, draw, layout
+from harness.shapes_world.world import COLORS, IMAGE_SIZE, SHAPES
+from harness.types import Prompt
 from rewards.shapes_classifier import (
     CLASSIFIER_CHECKPOINT,
     Beliefs,
@@ -361,9 +361,9 @@ def measure_agreement(
     """
     from benchmarks.shapes.benchmark import ShapesBenchmark
     from benchmarks.shapes.checkpoint import load_shapes_policy
-    from benchmarks.shapes.render import render
     from harness.evaluate import EvalSettings, evaluate_policy
     from harness.samplers import make_sampler
+    from harness.shapes_world.render import render
     from rewards.shapes import ShapesGenEval
     from rewards.shapes_classifier import ShapesClassifierReward
 
@@ -385,6 +385,7 @@ def measure_agreement(
     for scale in (1.0, 4.5):
         output = evaluate_policy(policy, benchmark, make_sampler("euler"), EvalSettings(guidance_scale=scale),
                                  progress=False)  # fmt: skip
+        assert output.images is not None, "evaluate_policy runs in this one process, which holds every image"
         sets[f"base samples, CFG {scale:g}"] = (output.images, output.prompts)
     rows = []
     exact = RelationCalibration(temperature=0.0)
@@ -425,6 +426,7 @@ def pixel_ascent(directory: Path | None = None, steps: int = 60, lr: float = 0.0
     reward, score, correct = ShapesClassifierReward(directory), ShapesGenEval("score"), ShapesGenEval("correct")
     output = evaluate_policy(load_shapes_policy(), ShapesBenchmark(), make_sampler("euler"), EvalSettings(),
                              progress=False)  # fmt: skip
+    assert output.images is not None, "evaluate_policy runs in this one process, which holds every image"
     images, prompts = output.images, output.prompts
     pixels = images.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([pixels], lr=lr)

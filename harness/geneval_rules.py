@@ -2,7 +2,9 @@
 
 The engine judges one image from its per-class detections and the prompt's metadata.
 It is detector-agnostic: the shapes world feeds it detections from a rule-based
-detector, and the real GenEval reward (a later addition) feeds it Mask2Former's.
+detector, and the real GenEval reward feeds it Mask2Former's. It sits in the core because
+rewards (which judge with it) and benchmarks (whose prompts and metrics follow its tasks and
+metadata) both need it and must not import each other.
 
 Three judgements are made per image, as in the official code and FlowGRPO's reward server:
 
@@ -27,7 +29,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+from harness.data_files import fetch
+from harness.validation import check_at_least, check_non_negative, check_unit_interval
 
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -54,11 +60,16 @@ class Detection:
 class GenEvalRules:
     """Thresholds of the official evaluator (``evaluate_images.py`` defaults)."""
 
-    threshold: float = 0.3
-    counting_threshold: float = 0.9
-    max_objects: int = 16
-    max_overlap: float = 1.0
-    position_threshold: float = 0.1
+    threshold: float = 0.3  # keep detections with score > threshold (confidences lie in [0, 1])
+    counting_threshold: float = 0.9  # the same for the counting task
+    max_objects: int = 16  # per class, after sorting by score
+    max_overlap: float = 1.0  # IoU suppression at this overlap; 1.0 disables it
+    position_threshold: float = 0.1  # relative_position's shrink factor of the summed box extents
+
+    def __post_init__(self) -> None:
+        check_unit_interval(self, "threshold", "counting_threshold", "max_overlap", closed_right=True)
+        check_at_least(self, 1, "max_objects")
+        check_non_negative(self, "position_threshold")
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,15 @@ class GenEvalResult:
     score: float
     reason: str
     kept: dict[str, list[Detection]] = field(default_factory=dict)
+
+
+def load_class_names(path: str | Path | None = None, data_dir: str | Path | None = None) -> list[str]:
+    """GenEval's 80 class names (``object_names.txt``) from ``path``, or the verified public file."""
+    file = Path(path) if path is not None else fetch("geneval/object_names.txt", data_dir)[0]
+    names = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(set(names)) != len(names):
+        raise MetadataError(f"{file} lists a class name twice; expected one distinct name per line")
+    return names
 
 
 def validate_metadata(metadata: Mapping[str, Any], known_classes: Sequence[str] | None = None) -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.shapes.render import shape_mask
-from benchmarks.shapes.world import BACKGROUND, COLORS, SHAPES
-from rewards.geneval import Detection
+from harness.geneval_rules import Detection
+from harness.shapes_world.render import shape_mask
+from harness.shapes_world.world import BACKGROUND, COLORS, SHAPES
 
 MAX_COLOR_DISTANCE = 90.0
 MIN_AREA = 6

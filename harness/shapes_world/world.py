@@ -18,7 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from rewards.geneval import RELATIONS, TASKS, MetadataError, validate_metadata
+from harness.geneval_rules import RELATIONS, TASKS, MetadataError, validate_metadata
 
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle", "diamond")

@@ -1,10 +1,11 @@
-"""``diffrl bench methods``: seconds per iteration (sampling / reward / training) and peak memory;
-``diffrl bench overhead``: how a suite run's wall time splits into methods, evaluation and harness.
+"""``diffrl bench methods``: seconds per iteration (sampling / reward / training), one evaluation's seconds
+and peak memory of each variant of a suite; ``diffrl bench overhead``: how a suite run's wall time splits
+into methods, evaluation and harness.
 
-Each method runs in a fresh process (so that peak RSS is its own) from the committed shapes
-base, for ``warmup + iterations`` iterations of 16 prompts × 8 images (or a suite's geometry)
-without evaluation; the phase times of the warm-up iterations are left out. This is a benchmark,
-not a test: it asserts nothing about speed.
+Each variant runs in a fresh process (so that peak RSS is its own) from the suite's model, with its
+benchmark, its training reward and its batch geometry, for ``warmup + iterations`` iterations without
+evaluation; the phase times of the warm-up iterations are left out, and one evaluation of the untrained
+model is timed apart. This is a benchmark, not a test: it asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -15,63 +16,47 @@ import multiprocessing as mp
 import platform
 import resource
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from harness.compare import DEFAULT_VARIANTS, Variant
 
-
-def _measure(variant: Variant, iterations: int, warmup: int, threads: int, queue: Any, suite_name: str | None) -> None:
-    from benchmarks.shapes.benchmark import ShapesBenchmark
-    from benchmarks.shapes.checkpoint import load_shapes_policy
+def _measure(suite_name: str, label: str, iterations: int, warmup: int, threads: int, queue: Any) -> None:
+    """In a fresh process: one timed evaluation, then the variant's iterations; puts one row on ``queue``."""
     from harness.evaluate import evaluate_policy
-    from harness.optim import OptimConfig
+    from harness.runner import build_benchmark, build_reward, load_policy
     from harness.samplers import make_sampler
+    from harness.suite import load_suite
     from harness.trainer import LoopConfig, train
-    from rewards.shapes import ShapesGenEval
+    from methods import METHODS
 
     torch.set_num_threads(threads)
-    common: tuple[Any, Any] = (ShapesBenchmark(), ShapesGenEval())
-    loop = LoopConfig(iterations=warmup + iterations, evaluate=False)  # 16 prompts x 8 images
-    eval_seconds = None
-    if suite_name is not None:  # the suite's benchmark, reward and batch geometry, and one timed evaluation
-        from harness.runner import build_benchmark, build_reward
-        from harness.suite import load_suite
-
-        suite = load_suite(suite_name)
-        common = (build_benchmark(suite), build_reward(suite, variant.label))  # the variant's own training reward
-        spec = suite.config.train
-        loop = replace(loop, prompts_per_iteration=spec.prompts_per_iteration, images_per_prompt=spec.images_per_prompt)
-        started = time.perf_counter()
-        evaluate_policy(load_shapes_policy(), common[0], make_sampler(suite.config.eval.sampler),
-                        suite.eval_settings(variant.label), progress=False)  # fmt: skip
-        eval_seconds = time.perf_counter() - started
+    suite = load_suite(suite_name)
+    entry, spec = next(m for m in suite.config.methods if m.label == label), suite.config.train
+    benchmark, reward = build_benchmark(suite), build_reward(suite, label)  # the variant's own training reward
+    loop = LoopConfig(iterations=warmup + iterations, evaluate=False, prompts_per_iteration=spec.prompts_per_iteration,
+                      images_per_prompt=spec.images_per_prompt)  # fmt: skip
+    started = time.perf_counter()
+    evaluate_policy(load_policy(suite), benchmark, make_sampler(suite.config.eval.sampler), suite.eval_settings(label),
+                    progress=False)  # fmt: skip
+    eval_seconds = time.perf_counter() - started
     rows: list[dict[str, float]] = []
-    ledger = train(variant.method, variant.config, load_shapes_policy(), *common, loop, OptimConfig(lr=1e-5),
-                   progress=False, on_iteration=rows.append).ledger  # fmt: skip
+    ledger = train(METHODS.get(entry.method), suite.method_configs[label], load_policy(suite), benchmark, reward, loop,
+                   spec.optim, progress=False, label=label, on_iteration=rows.append).ledger  # fmt: skip
     timed = rows[warmup:]  # the warm-up iterations (first calls, FLOP counting) are not timed
     per_iteration = {
         p: sum(r[f"time/{p}_seconds"] for r in timed) / iterations for p in ("sampling", "reward", "training")
     }
     fwd_before = rows[warmup - 1]["compute/fwd_equiv"] if warmup else 0
     queue.put({
-        "run": variant.label,
+        "run": label,
         **{f"{p}_s": round(v, 2) for p, v in per_iteration.items()},
         "total_s": round(sum(per_iteration.values()), 2),
         "fwd_equiv_per_iteration": int(ledger.fwd_equiv - fwd_before) // iterations,
-        "eval_s": None if eval_seconds is None else round(eval_seconds, 2),
+        "eval_s": round(eval_seconds, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     })  # fmt: skip
-
-
-def _suite_variants(suite_name: str) -> tuple[Variant, ...]:
-    from harness.suite import load_suite
-
-    suite = load_suite(suite_name)
-    return tuple(Variant(m.label, m.method, suite.method_configs[m.label], m.eval_cfg) for m in suite.config.methods)
 
 
 def estimate_suite_seconds(rows: list[dict[str, Any]], suite_name: str) -> tuple[float, dict[str, float]]:
@@ -95,21 +80,25 @@ def estimate_suite_seconds(rows: list[dict[str, Any]], suite_name: str) -> tuple
 
 
 def bench_methods(
-    out: Path, iterations: int = 2, warmup: int = 1, threads: int = 2, suite_name: str | None = None
+    out: Path, iterations: int = 2, warmup: int = 1, threads: int = 2, suite_name: str = "shapes_quick"
 ) -> Path:
-    """Measure every default variant (or every variant of a suite); write a Markdown table and JSON into ``out``."""
+    """Measure every variant of a suite; write a Markdown table (with the suite's estimated run time) and JSON."""
+    from harness.suite import load_suite
+
+    if iterations < 1 or warmup < 0:
+        raise ValueError(f"bench methods needs iterations >= 1 and warmup >= 0, got {iterations} and {warmup}")
+    suite = load_suite(suite_name)
     context = mp.get_context("spawn")
     rows = []
-    variants = _suite_variants(suite_name) if suite_name else DEFAULT_VARIANTS
-    for variant in variants:
+    for entry in suite.config.methods:
         queue = context.Queue()
-        process = context.Process(target=_measure, args=(variant, iterations, warmup, threads, queue, suite_name))
+        process = context.Process(target=_measure, args=(suite_name, entry.label, iterations, warmup, threads, queue))
         process.start()
         rows.append(queue.get())
         process.join()
     device = f"{platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}"
     out.mkdir(parents=True, exist_ok=True)
-    name = f"bench_{suite_name}" if suite_name else "bench_methods"
+    name = f"bench_{suite.name}"
     (out / f"{name}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=2) + "\n")
     lines = [
         "| run | sampling s | reward s | training s | total s/iter | fwd_equiv/iter | eval s | peak RSS MB |",
@@ -117,13 +106,13 @@ def bench_methods(
     ]
     lines += [
         f"| {r['run']} | {r['sampling_s']} | {r['reward_s']} | {r['training_s']} | {r['total_s']} | "
-        f"{r['fwd_equiv_per_iteration']:,} | {r['eval_s'] if r['eval_s'] is not None else '–'} | {r['peak_rss_mb']} |"
+        f"{r['fwd_equiv_per_iteration']:,} | {r['eval_s']} | {r['peak_rss_mb']} |"
         for r in rows
     ]
-    geometry = "the suite's batch geometry" if suite_name else "16 prompts x 8 images per iteration"
-    command = f"diffrl bench methods{f' --suite {suite_name}' if suite_name else ''} --out {out}"
-    footer = f"\nCPU ({device}); {geometry}, mean of {iterations} after {warmup} warm-up. Made by `{command}`.\n"
-    if suite_name:
+    command = f"diffrl bench methods --suite {suite_name} --iterations {iterations} --warmup {warmup} " \
+              f"--threads {threads} --out {out}"  # fmt: skip
+    footer = f"\nCPU ({device}); the suite's batch geometry, mean of {iterations} after {warmup} warm-up. Made by `{command}`.\n"
+    if suite.config.budget.unit == "fwd_equiv":
         total, _ = estimate_suite_seconds(rows, suite_name)
         footer += (
             f"\nEstimated wall time of `diffrl run {suite_name}` from these costs (iterations to the budget x "

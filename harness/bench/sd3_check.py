@@ -17,8 +17,10 @@ GPU memory, and TFLOP/s of the training phase and of a bare training forward+bac
 FLOP counting is slow; it is done outside the timed runs (the measured iterations reuse the forward
 FLOPs of the warm-up, so their sampling time does not include a counted forward).
 
-    python benchmarks/gpu/sd3_check.py                 # H100/H200, bf16, 512 px
-    python benchmarks/gpu/sd3_check.py --tiny          # CPU smoke run with a tiny config
+    diffrl bench gpu                 # H100/H200, bf16, 512 px
+    diffrl bench gpu --tiny          # CPU smoke run with a tiny config
+
+The command's flags are defined with the other benchmarks' in :mod:`harness.cli`; :func:`run` takes them.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import contextlib
 import importlib.metadata
 import json
 import logging
-import sys
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -40,16 +41,13 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import harness.compute  # noqa: E402
-from benchmarks.base import Prompt  # noqa: E402
-from harness.optim import OptimConfig  # noqa: E402
-from harness.policies.sd3 import SD3LoRAConfig, SD3Policy, SD3PolicyConfig  # noqa: E402
-from harness.trainer import LoopConfig, train  # noqa: E402
-from methods.diffusion_nft import DiffusionNFTConfig  # noqa: E402
-from methods.flow_grpo import FlowGRPOConfig  # noqa: E402
-from rewards.base import RewardSpec  # noqa: E402
+import harness.compute
+from harness.optim import OptimConfig
+from harness.policies.sd3 import SD3LoRAConfig, SD3Policy, SD3PolicyConfig
+from harness.trainer import LoopConfig, train
+from harness.types import Prompt, RewardSpec
+from methods.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
+from methods.flow_grpo import FlowGRPO, FlowGRPOConfig
 
 log = logging.getLogger("sd3_check")
 
@@ -74,6 +72,7 @@ TINY_TRANSFORMER = {**SD35_MEDIUM_TRANSFORMER, "sample_size": 16, "num_layers": 
 TINY_VAE = {**SD3_VAE, "block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4}
 PROMPTS = ("a photo of a red cube", "two dogs on a beach", "a clock tower at night", "a bowl of green apples")
 CLIP_TOKENS = 77
+CLI_KEYS = ("command", "what", "func", "verbose")  # what the diffrl parser adds to this command's flags
 
 
 class RandomPromptEncoder:
@@ -139,7 +138,7 @@ def build_policy(args: argparse.Namespace, device: torch.device) -> SD3Policy:
         resolution=args.resolution, dtype=args.dtype, vae_dtype=args.vae_dtype, max_sequence_length=args.t5_tokens,
         gradient_checkpointing=args.gradient_checkpointing, lora=SD3LoRAConfig(rank=32, alpha=64.0),
     )  # fmt: skip
-    return SD3Policy(transformer, vae, SD3_SCHEDULER, encoder, cfg, device=device)
+    return SD3Policy(transformer, vae, SD3_SCHEDULER, encoder, cfg, device=device)  # type: ignore[arg-type]
 
 
 def sync(device: torch.device) -> None:
@@ -209,8 +208,9 @@ def known_forward_flops(flops_per_forward: float) -> Iterator[None]:
 
 
 def run_method(
-    policy: SD3Policy, name: str, method_cfg: Any, args: argparse.Namespace, backward_over_forward: float
-) -> dict[str, Any]:
+    policy: SD3Policy, name: str, method_cls: Any, method_cfg: Any, args: argparse.Namespace,
+    backward_over_forward: float,
+) -> dict[str, Any]:  # fmt: skip
     """One warm-up iteration, then ``args.iterations`` measured ones (a fresh ledger) through the shared loop.
 
     ``backward_over_forward``: measured backward FLOPs / forward FLOPs (:func:`fwd_bwd_tflops`), which
@@ -218,7 +218,8 @@ def run_method(
     """
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=args.prompts,
                       images_per_prompt=args.images_per_prompt)  # fmt: skip
-    warm_up = train(name, method_cfg, policy, FixedPrompts(), Brightness(), loop, OptimConfig(), progress=False)
+    warm_up = train(method_cls, method_cfg, policy, FixedPrompts(), Brightness(), loop, OptimConfig(), progress=False,
+                    label=name)  # fmt: skip
     flops_per_forward = warm_up.ledger.flops_per_forward
     if flops_per_forward is None:
         raise RuntimeError(f"{name}: the warm-up iteration made no forward, so no FLOPs were measured")
@@ -229,7 +230,8 @@ def run_method(
                       images_per_prompt=args.images_per_prompt, seed=1)  # fmt: skip
     sync(device)
     with known_forward_flops(flops_per_forward):
-        result = train(name, method_cfg, policy, FixedPrompts(), Brightness(), loop, OptimConfig(), progress=False)
+        result = train(method_cls, method_cfg, policy, FixedPrompts(), Brightness(), loop, OptimConfig(),
+                       progress=False, label=name)  # fmt: skip
     sync(device)
     ledger = result.ledger
     per_forward = flops_per_forward
@@ -253,23 +255,14 @@ def run_method(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny transformer/VAE config (CPU smoke run)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 64 with --tiny)")
-    parser.add_argument("--dtype", default=None, choices=("fp32", "bf16"), help="default bf16 (fp32 --tiny)")
-    parser.add_argument("--vae-dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
-    parser.add_argument("--t5-tokens", type=int, default=128)
-    parser.add_argument("--prompts", type=int, default=2, help="prompts per iteration")
-    parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10, help="sampling steps of both methods")
-    parser.add_argument("--nft-batch", type=int, default=4, help="DiffusionNFT train_batch_size")
-    parser.add_argument("--grpo-batch", type=int, default=2, help="FlowGRPO train_batch_size (×2 with CFG)")
-    parser.add_argument("--iterations", type=int, default=1, help="measured iterations per method")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the bare forward+backward")
-    parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
-    args = parser.parse_args(argv)
+    """``diffrl bench gpu ARGV``: parse the flags as the command line does and :func:`run` them."""
+    from harness.cli import build_parser
+
+    return run(build_parser().parse_args(["bench", "gpu", *(argv or [])]))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the policy, time a bare forward+backward and both methods; print (and with ``--out`` write) the JSON."""
     args.resolution = args.resolution or (64 if args.tiny else 512)
     args.dtype = args.dtype or ("fp32" if args.tiny else "bf16")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -282,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": versions(),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in CLI_KEYS},
         # The transformer's parameters include both LoRA adapters (θ and old); the base alone is the model size.
         "transformer_parameters_with_adapters": sum(p.numel() for p in policy.transformer.parameters()),
         "lora_parameters_per_adapter": sum(p.numel() for p in policy.trainable_parameters()),
@@ -295,8 +288,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ratio = report["fwd_bwd"]["backward_over_forward"]
     nft = DiffusionNFTConfig(num_steps=args.steps, shift=3.0, train_batch_size=args.nft_batch)
     grpo = FlowGRPOConfig(num_steps=args.steps, shift=3.0, train_batch_size=args.grpo_batch)
-    report["diffusion_nft"] = run_method(policy, "diffusion_nft", nft, args, ratio)
-    report["flow_grpo"] = run_method(policy, "flow_grpo", grpo, args, ratio)
+    report["diffusion_nft"] = run_method(policy, "diffusion_nft", DiffusionNFT, nft, args, ratio)
+    report["flow_grpo"] = run_method(policy, "flow_grpo", FlowGRPO, grpo, args, ratio)
     report["total_seconds"] = time.perf_counter() - started
     text = json.dumps(report, indent=2)
     print(text)
@@ -304,8 +297,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     return report
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    main()

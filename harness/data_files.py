@@ -1,5 +1,7 @@
 """Public prompt files: where each comes from, its pinned SHA-256, and a verified local copy.
 
+In the core because prompt sets (benchmarks) and the GenEval reward (GenEval's class names) both read them.
+
 A file is read from ``data_dir/<key>`` when a data folder is given (laid out like
 ``../shared/data``), else from the cache (``$DIFFRL_CACHE`` or ``~/.cache/diffrl``, under
 ``prompt_sets/<key>``), downloading it from its public URL on first use. Pinned checksums are the

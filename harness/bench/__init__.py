@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks, the home of ``diffrl bench``: methods, overhead, rewards, gpu (orchestration)."""

@@ -1,0 +1,33 @@
+"""The shapes world's GenEval judge: the rule-based detector feeding the GenEval rule engine.
+
+The shapes benchmark's metric and the ``shapes_geneval`` reward (:mod:`rewards.shapes`) both judge with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from harness.geneval_rules import GenEvalResult, GenEvalRules, ScoreVariant, evaluate_detections
+from harness.images import to_uint8
+from harness.shapes_world.detect import detect
+from harness.shapes_world.world import validate_shapes_metadata
+from harness.types import Prompt
+
+
+def judge_images(
+    images: Tensor,
+    prompts: Sequence[Prompt],
+    *,
+    rules: GenEvalRules = GenEvalRules(),
+    score_variant: ScoreVariant = "flowgrpo",
+) -> list[GenEvalResult]:
+    """Detect and judge every image against its prompt's GenEval metadata."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    results = []
+    for image, prompt in zip(to_uint8(images), prompts, strict=True):
+        validate_shapes_metadata(prompt.metadata)
+        results.append(evaluate_detections(prompt.metadata, detect(image), rules=rules, score_variant=score_variant))
+    return results

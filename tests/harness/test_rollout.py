@@ -1,0 +1,33 @@
+"""The one denoising loop, with and without a sampler window."""
+
+import pytest
+import torch
+
+from harness.rollout import Window, rollout
+from harness.samplers import CPS, DPMSolverPP2M, EulerODE, FlowSDE, flow_schedule
+
+
+def test_a_window_is_the_sde_inside_and_the_euler_ode_outside(tiny_policy):
+    cond = tiny_policy.encode(["a red circle", "two blue squares"])
+    noise = torch.randn(2, *tiny_policy.sample_shape, generator=torch.Generator().manual_seed(0))
+    schedule = flow_schedule(6)
+    windowed = rollout(tiny_policy, FlowSDE(0.7), cond, noise, schedule, generator=torch.Generator().manual_seed(1),
+                       keep_trajectory=True, window=Window(2, 3))  # fmt: skip
+    assert windowed.latents.shape[1] == 4 and windowed.log_probs.shape == (2, 3)
+    assert torch.equal(windowed.timesteps, schedule[2:6])
+    # The same trajectory, composed by hand: Euler, then the window's SDE steps with the same draws, then Euler.
+    ode = rollout(tiny_policy, EulerODE(), cond, noise, schedule[:3], keep_trajectory=True)
+    assert torch.equal(windowed.latents[:, 0], ode.x0)
+    sde = rollout(tiny_policy, FlowSDE(0.7), cond, ode.x0, schedule[2:6], generator=torch.Generator().manual_seed(1),
+                  keep_trajectory=True)  # fmt: skip
+    assert torch.equal(windowed.latents, sde.latents) and torch.equal(windowed.log_probs, sde.log_probs)
+    tail = rollout(tiny_policy, EulerODE(), cond, sde.x0, schedule[5:])
+    assert torch.equal(windowed.x0, tail.x0)
+
+
+def test_window_checks():
+    with pytest.raises(ValueError, match="size >= 1"):
+        Window(0, 0)
+    with pytest.raises(ValueError, match="deterministic"):
+        Window(0, 1, outside=CPS(0.5))
+    assert 2 in Window(1, 2) and 3 not in Window(1, 2) and isinstance(Window(0, 1, DPMSolverPP2M()), Window)
