@@ -314,6 +314,20 @@ def evaluate_detections(
     return GenEvalResult(tag=metadata["tag"], correct=correct, strict=strict, score=score, reason=reason, kept=kept)
 
 
+def surplus_detections(
+    metadata: Mapping[str, Any], detections: Mapping[str, Sequence[Detection]], rules: GenEvalRules = GenEvalRules()
+) -> int:
+    """Detections of any class scoring above ``rules.threshold`` beyond the objects the prompt asks for (≥ 0).
+
+    A clutter diagnostic reported beside the GenEval scores (``extra_objects``), not part of the official
+    judgement: the "at least ``count``" rule passes an image with surplus objects, so clutter inflates
+    ``overall`` while this count shows it.
+    """
+    asked = sum(int(clause["count"]) for clause in metadata["include"])
+    found = sum(1 for dets in detections.values() for d in dets if d.score > rules.threshold)
+    return max(0, found - asked)
+
+
 def task_summary(
     results: Sequence[GenEvalResult], field_name: Literal["correct", "strict", "score"] = "correct"
 ) -> dict[str, float]:

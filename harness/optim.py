@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,9 +55,16 @@ class Optimization:
         cfg: OptimConfig,
         ema_interval: int = 1,
         gradient_sync: Callable[[list[nn.Parameter]], None] | None = None,
+        *,
+        ema_updates_per_step: int = 1,
+        ema_max_decay: float | None = None,
     ) -> None:
         """``gradient_sync`` runs on the accumulated gradients before each step (several processes:
         :meth:`harness.distributed.Processes.average_gradients`; none under FSDP, whose backward averages).
+
+        The EMA follows the method's own schedule (:func:`method_ema_settings`): ``ema_interval``,
+        ``ema_updates_per_step`` (FlowGRPO's per-micro-batch stepping, :mod:`harness.ema`) and
+        ``ema_max_decay`` (a method's official ``eval_ema_decay``; None: ``cfg.ema_max_decay``).
 
         Under FSDP the parameters are DTensor shards: the optimizer moments and the EMA are shards too,
         the grad norm is over the whole gradient, and :meth:`load_state_dict` takes full tensors."""
@@ -68,7 +76,10 @@ class Optimization:
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps
         )
-        self.ema = EMA(self.parameters, max_decay=cfg.ema_max_decay, interval=ema_interval)
+        max_decay = cfg.ema_max_decay if ema_max_decay is None else ema_max_decay
+        require(0 <= max_decay < 1, "ema_max_decay", max_decay, "in [0, 1)")
+        self.ema = EMA(self.parameters, max_decay=max_decay, interval=ema_interval,
+                       updates_per_step=ema_updates_per_step)  # fmt: skip
         self.global_step = 0
 
     def backward(self, loss: Tensor, scale: float = 1.0) -> None:
@@ -82,6 +93,7 @@ class Optimization:
         if self.gradient_sync is not None:
             self.gradient_sync(self.parameters)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)
+        self.ema.flush()  # the last update step's pending EMA applications see its weights, as in FlowGRPO
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -98,3 +110,17 @@ class Optimization:
         self.optimizer.load_state_dict(optimizer)
         self.ema.load_state_dict(state["ema"])  # type: ignore[arg-type]
         self.global_step = int(state["global_step"])  # type: ignore[call-overload]
+
+
+def method_ema_settings(method_cfg: Any) -> dict[str, Any]:
+    """The EMA keywords of :class:`Optimization` that a method config sets: always ``ema_interval``; and,
+    where the method's official schedule needs them (its config then has the field), ``ema_updates_per_step``
+    (FlowGRPO's per-micro-batch stepping) and ``eval_ema_decay`` (its official maximum decay, overriding the
+    suite's ``optim.ema_max_decay``). Every other method keeps 1 update per step and the suite's decay.
+    """
+    settings: dict[str, Any] = {"ema_interval": method_cfg.ema_interval}
+    if hasattr(method_cfg, "ema_updates_per_step"):
+        settings["ema_updates_per_step"] = method_cfg.ema_updates_per_step
+    if hasattr(method_cfg, "eval_ema_decay"):
+        settings["ema_max_decay"] = method_cfg.eval_ema_decay
+    return settings

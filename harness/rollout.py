@@ -1,8 +1,9 @@
 """The one denoising loop. Every method and the evaluator sample through :func:`rollout`.
 
-A :class:`Window` composes two samplers along one trajectory: the given (stochastic) sampler inside a
-window of steps and a deterministic solver elsewhere, keeping latents and log-probs only inside it
-(FlowGRPO-Fast's window; MixGRPO's sliding window).
+A :class:`Window` composes samplers along one trajectory: the given (stochastic) sampler inside a
+window of steps and a deterministic solver elsewhere (optionally another one after the window),
+keeping latents and log-probs only inside it (FlowGRPO-Fast's window; MixGRPO's sliding window and
+MixGRPO-Flash's DPM-Solver++ after it).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from harness.samplers import EulerODE, History, Sampler
 
 @dataclass(frozen=True)
 class Window:
-    """Steps ``[start, start + size)`` of a trajectory use the rollout's sampler, every other step ``outside``.
+    """Steps ``[start, start + size)`` of a trajectory use the rollout's sampler, every other step ``outside``
+    (the steps after the window ``after`` instead, when given: MixGRPO-Flash's higher-order solver).
 
     With a window, a kept trajectory holds only the window's ``size + 1`` latents and ``size`` log-probs.
     """
@@ -26,12 +28,20 @@ class Window:
     start: int
     size: int
     outside: Sampler = EulerODE()
+    after: Sampler | None = None
 
     def __post_init__(self) -> None:
         if self.start < 0 or self.size < 1:
             raise ValueError(f"a window needs start >= 0 and size >= 1, got start={self.start}, size={self.size}")
-        if self.outside.stochastic:
-            raise ValueError(f"the sampler outside a window must be deterministic, got {self.outside.name!r}")
+        for where, sampler in (("outside", self.outside), ("after", self.after)):
+            if sampler is not None and sampler.stochastic:
+                raise ValueError(f"the sampler {where} a window must be deterministic, got {sampler.name!r}")
+
+    def sampler_at(self, k: int, inside: Sampler) -> Sampler:
+        """The sampler of step ``k``: ``inside`` within the window, ``after`` past it (if set), else ``outside``."""
+        if k in self:
+            return inside
+        return self.after if self.after is not None and k >= self.end else self.outside
 
     @property
     def end(self) -> int:
@@ -85,7 +95,7 @@ def rollout(
     with torch.set_grad_enabled(track_grad):
         for k in range(len(timesteps) - 1):
             t, t_next = timesteps[k], timesteps[k + 1]
-            step_sampler = sampler if window is None or k in window else window.outside
+            step_sampler = sampler if window is None else window.sampler_at(k, sampler)
             v = guided_velocity(policy, x, t.expand(batch), cond, uncond, guidance_scale)
             step_noise = None
             if step_sampler.stochastic:

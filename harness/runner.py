@@ -4,13 +4,18 @@ Layout of ``results/<suite>/``::
 
     suite.yaml            the resolved config (every default filled in)
     metadata.json         git commit, config hash, package versions, device, cell status
-    timing.json           wall time split into the methods' work, evaluation and harness overhead
+    timing.json           wall time split into the methods' work, evaluation and harness overhead, summed
+                          over every invocation of the run (a resume adds one), each listed under invocations
     base_evals.json       eval scores of the untrained model per eval protocol (shared by all cells)
+    base_eval_prompts.json  its per-prompt scores, likewise
     results.csv/.parquet  the tidy table: one row per evaluation
+    eval_prompts.parquet  each evaluation's per-prompt scores (eval-sampling errors, paired differences)
     cells/<variant>/seed<k>/
         status.json       running | done | failed (with the error)
         evals.jsonl       evaluation rows, iterations.jsonl: training logs
+        eval_prompts.jsonl  per-prompt scores of each evaluation (harness.evaluate.PromptScores)
         checkpoint.pt     the latest resumable state
+        lora/, lora_ema/  SD3/FLUX: θ's LoRA and its EMA as diffusers LoRA folders (load_lora_weights reads them)
     samples/              eval sample grids per cell and eval point
 
 A finished cell is never rerun; an unfinished one resumes from its checkpoint; a failed one is
@@ -33,14 +38,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from benchmarks.base import Benchmark
-from harness.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from harness.atomic import atomic_write, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from harness.budget import UNIT_COLUMNS
 from harness.config import call_checked
 from harness.distributed import SINGLE, Processes
-from harness.evaluate import EvalOutput
+from harness.evaluate import PROMPT_SCORES_FILE, EvalOutput, prompt_scores_frame
 from harness.images import save_grid
+from harness.policies.lora import PIPELINES, export_run_loras
 from harness.policy import Policy
-from harness.store import device_info, git_commit, package_versions, results_frame, write_results
+from harness.store import device_info, environment, git_commit, package_versions, results_frame, write_results
 from harness.suite import MethodEntry, Suite, config_digest, make_benchmark
 from harness.suite_model import ModelSpec, resolve_device
 from harness.trackers import CellTrackers
@@ -145,6 +151,7 @@ class SuiteRunner:
         self.cfg = suite.config
         self.benchmark = build_benchmark(suite)
         self.base_evals: dict[str, dict[str, float]] = read_json(out / "base_evals.json", {})
+        self.base_prompts: dict[str, dict[str, Any]] = read_json(out / "base_eval_prompts.json", {})
         self.session = {"eval": 0.0, "sampling": 0.0, "reward": 0.0, "training": 0.0}
         self.git: dict[str, Any] = {}
 
@@ -174,6 +181,7 @@ class SuiteRunner:
         ]
         if rows:
             write_results(results_frame(rows), self.out)
+            self._write_prompt_scores(outcomes)
         self._write_metadata(outcomes)
         self._write_timing(time.perf_counter() - started)
         return SuiteOutcome(self.out, outcomes)
@@ -245,8 +253,11 @@ class SuiteRunner:
             kept = [r for r in evaluations if r["iteration"] < row["iteration"]]  # a resumed run re-evaluates
             evaluations[:] = [*kept, row]
             atomic_write_jsonl(folder / "evals.jsonl", evaluations)
+            self._record_prompt_scores(folder, base_key, row, output)
             if output is not None and self.cfg.eval.grids:
-                self._save_grid(output, label, seed, row["eval_point"], settings.guidance_scale)
+                grid = self._save_grid(output, label, seed, row["eval_point"], settings.guidance_scale)
+                if grid is not None:
+                    trackers.log_image("eval/samples", grid, step=row["iteration"])
             trackers.log(row, step=row["iteration"])
             tqdm.write("  " + self._summary(row))
 
@@ -262,7 +273,41 @@ class SuiteRunner:
         if self.main:
             atomic_write_jsonl(folder / "iterations.jsonl", result.iterations)
             atomic_write_jsonl(folder / "evals.jsonl", result.evaluations)
+            if self.cfg.model.kind in PIPELINES:  # θ and its EMA as LoRA folders any diffusers user can load
+                export_run_loras(folder / "checkpoint.pt", folder, self.cfg.model.kind, self.suite.model_config.lora)
         return result.evaluations
+
+    def _record_prompt_scores(
+        self, folder: Path, base_key: str, row: dict[str, Any], output: EvalOutput | None
+    ) -> None:
+        """Append this evaluation's per-prompt scores to the cell's ``eval_prompts.jsonl`` (the untrained
+        model's come from ``base_eval_prompts.json`` when its scores were reused)."""
+        iteration = row["iteration"]
+        record = output.per_prompt.to_json() if output is not None and output.per_prompt is not None else None
+        if iteration == 0 and record is not None:
+            self.base_prompts[base_key] = record
+            atomic_write_json(self.out / "base_eval_prompts.json", self.base_prompts)
+        elif iteration == 0:
+            record = self.base_prompts.get(base_key)  # absent in folders written before per-prompt scores
+        if record is None:
+            return
+        path = folder / "eval_prompts.jsonl"
+        kept = [r for r in read_jsonl(path) if r["iteration"] < iteration]  # a resumed run re-evaluates
+        atomic_write_jsonl(path, [*kept, {"iteration": iteration, "eval_point": row.get("eval_point"), **record}])
+
+    def _write_prompt_scores(self, outcomes: list[CellOutcome]) -> None:
+        """``eval_prompts.parquet``: every finished cell's per-prompt scores at its recorded evaluations."""
+        records = []
+        for o in outcomes:
+            if o.status != "done":
+                continue
+            iterations = {row["iteration"] for row in o.evaluations}
+            for record in read_jsonl(cell_dir(self.out, o.label, o.seed) / "eval_prompts.jsonl"):
+                if record["iteration"] in iterations:
+                    records.append({"variant": o.label, "seed": o.seed, **record})
+        if records:
+            frame = prompt_scores_frame(records)
+            atomic_write(self.out / PROMPT_SCORES_FILE, lambda f: frame.to_parquet(f, index=False))
 
     def _summary(self, row: dict[str, Any]) -> str:
         """One line per evaluation: where in the budget, and the metrics."""
@@ -273,16 +318,17 @@ class SuiteRunner:
         where = f"{fraction:.0%}" if fraction is not None else "off-schedule"
         return f"eval @ iteration {row['iteration']} ({budget.unit} {spent:,.0f}, {where} of budget): {metrics}"
 
-    def _save_grid(self, output: EvalOutput, label: str, seed: int, point: int | None, scale: float) -> None:
-        """Columns: tasks; rows: the first image of each task's first ``eval.grids`` prompts."""
+    def _save_grid(self, output: EvalOutput, label: str, seed: int, point: int | None, scale: float) -> Path | None:
+        """Columns: tasks; rows: the first image of each task's first ``eval.grids`` prompts. Returns the file."""
         assert output.images is not None  # on_eval runs on the main process, which holds the images
         picks = grid_indices(output.prompts, self.cfg.eval.grids, self.benchmark.images_per_prompt)
         columns = len({p.tag for p in output.prompts})
         if point == 0:  # the untrained model: one grid per eval protocol
-            save_grid(output.images[picks], self.out / "samples" / f"base_cfg{scale:g}.png", columns=columns)
-        elif point is not None:
+            return save_grid(output.images[picks], self.out / "samples" / f"base_cfg{scale:g}.png", columns=columns)
+        if point is not None:
             path = self.out / "samples" / f"{label}_seed{seed}_point{point}.png"
-            save_grid(output.images[picks], path, columns=columns)
+            return save_grid(output.images[picks], path, columns=columns)
+        return None
 
     def _write_metadata(self, outcomes: list[CellOutcome]) -> None:
         atomic_write_json(
@@ -293,6 +339,7 @@ class SuiteRunner:
                 "config_hash": self.suite.config_hash(),
                 "git": self.git,
                 "packages": package_versions(),
+                "environment": environment(),
                 "device": device_info(),
                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "cells": [{"variant": o.label, "seed": o.seed, "status": o.status, "error": o.error} for o in outcomes],
@@ -300,20 +347,36 @@ class SuiteRunner:
         )
 
     def _write_timing(self, wall: float) -> None:
-        """Wall time of this invocation, split into the methods' work, evaluation and everything else."""
-        method = sum(self.session[p] for p in ("sampling", "reward", "training"))
-        harness = wall - method - self.session["eval"]
-        atomic_write_json(
-            self.out / "timing.json",
-            {
-                "wall_seconds": round(wall, 2),
-                "method_seconds": {p: round(self.session[p], 2) for p in ("sampling", "reward", "training")},
-                "eval_seconds": round(self.session["eval"], 2),
-                "harness_seconds": round(harness, 2),
-                "harness_fraction": round(harness / wall, 4) if wall > 0 else None,
-                "torch_threads": torch.get_num_threads(),
-            },
-        )
+        """Wall time split into the methods' work, evaluation and everything else: this invocation's is appended
+        to ``invocations`` and the top-level numbers are the sums over all of them (the whole run)."""
+        now = timing_entry(wall, self.session["eval"], {p: self.session[p] for p in ("sampling", "reward", "training")})
+        atomic_write_json(self.out / "timing.json", cumulative_timing(read_json(self.out / "timing.json"), now))
+
+
+def timing_entry(wall: float, eval_seconds: float, method: dict[str, float]) -> dict[str, Any]:
+    """One invocation's (or a sum's) wall time: the methods' phases, evaluation and the harness's remainder."""
+    harness = wall - sum(method.values()) - eval_seconds
+    return {
+        "wall_seconds": round(wall, 2),
+        "method_seconds": {phase: round(seconds, 2) for phase, seconds in method.items()},
+        "eval_seconds": round(eval_seconds, 2),
+        "harness_seconds": round(harness, 2),
+        "harness_fraction": round(harness / wall, 4) if wall > 0 else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def cumulative_timing(previous: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """``timing.json`` after one more invocation: ``invocations`` (earlier ones, then ``now``) and their sums.
+
+    A file from before invocations were listed counts as one earlier invocation.
+    """
+    earlier = [] if not previous else previous.get("invocations", [previous])
+    invocations = [*earlier, {**now, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
+    method = {p: sum(i["method_seconds"].get(p, 0.0) for i in invocations) for p in now["method_seconds"]}
+    total = timing_entry(sum(i["wall_seconds"] for i in invocations), sum(i["eval_seconds"] for i in invocations),
+                         method)  # fmt: skip
+    return {**total, "torch_threads": now["torch_threads"], "invocations": invocations}
 
 
 def grid_indices(prompts: Sequence[Prompt], per_task: int, images_per_prompt: int) -> list[int]:

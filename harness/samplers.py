@@ -12,6 +12,7 @@ replayed at train time.
 | ``dpm2`` | 2 | no | DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Alg. 2) in λ = log((1−t)/t); DiffusionNFT's collector |
 | ``flow_sde`` | 1 | yes | FlowGRPO (arXiv 2505.05470) Eq. 9, σ_t = a·sqrt(t/(1−t)) |
 | ``cps`` | 1 | yes | Coefficients-Preserving Sampling (arXiv 2509.05952), FlowGRPO's ``sde_type="cps"`` |
+| ``dance_sde`` | 1 | yes | DanceGRPO (arXiv 2505.07818), constant noise η: ``flux_step(sde_solver=True)`` |
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class Transition:
     ``x_next`` is ``mean + std·noise`` with the caller's noise, or ``mean`` when none was given (replaying a
     stored transition only needs its mean and std). ``x0_pred`` is the step's data prediction ``x_t − t·v``
     (what a multistep solver reuses). ``sigma`` is the step's noise scale in the convention FlowGRPO's KL
-    divides by: the Flow-SDE's σ_t *without* sqrt(−dt) (official ``std_dev_t``), CPS's step std s, 0 for ODEs.
+    divides by: the Flow-SDE's σ_t *without* sqrt(−dt) (official ``std_dev_t``), CPS's step std s,
+    the Dance-SDE's η, 0 for ODEs.
     """
 
     x_next: Tensor
@@ -219,8 +221,41 @@ class CPS:
         return -((x_next.float() - transition.mean) ** 2).mean(dim=tuple(range(1, x_next.ndim)))
 
 
-SAMPLERS: dict[str, type[EulerODE] | type[DPMSolverPP2M] | type[FlowSDE] | type[CPS]] = {
-    cls.name: cls for cls in (EulerODE, DPMSolverPP2M, FlowSDE, CPS)
+class DanceSDE:
+    """DanceGRPO's SDE step (Xue et al., arXiv 2505.07818; official ``flux_step(..., sde_solver=True)``).
+
+    The reverse SDE ``dx = (v − ½·η²·∇log p_t(x))·dt + η·dw`` with the constant noise η (the paper's ε_t) and
+    the score of the rectified flow estimated from the data prediction, ``∇log p_t ≈ −(x − (1 − t)·x̂0)/t²``
+    with ``x̂0 = x − t·v``. Euler–Maruyama: ``μ = x + v·dt − ½·η²·score·dt`` (dt = t_next − t < 0) and
+    ``x_next = μ + η·sqrt(−dt)·ε``, in fp32. ``sigma`` is η (the std without sqrt(−dt), as FlowSDE's σ_t).
+    Its log-prob is DanceGRPO's: the Gaussian log-density averaged over non-batch dims (MixGRPO's copy drops
+    the constant terms, which cancel in every ratio). ``noise_level = 0`` is the Euler ODE.
+    """
+
+    name: ClassVar[str] = "dance_sde"
+    stochastic: ClassVar[bool] = True
+
+    def __init__(self, noise_level: float = 0.3) -> None:
+        self.noise_level = noise_level
+
+    def step(self, v: Tensor, x: Tensor, t: Tensor | float, t_next: Tensor | float, *,
+             noise: Tensor | None = None, history: History | None = None) -> Transition:  # fmt: skip
+        v, x = v.float(), x.float()
+        t_, t_next_ = _per_sample(t, x), _per_sample(t_next, x)
+        dt = t_next_ - t_
+        x0_pred = x - t_ * v
+        score = -(x - x0_pred * (1 - t_)) / t_**2
+        mean = x + dt * v - 0.5 * self.noise_level**2 * score * dt
+        std = self.noise_level * torch.sqrt(-dt)
+        x_next = mean if noise is None else mean + std * noise
+        return Transition(x_next, mean, std, x0_pred, torch.full_like(std, self.noise_level))
+
+    def log_prob(self, x_next: Tensor, transition: Transition) -> Tensor:
+        return gaussian_log_prob(x_next, transition.mean, transition.std)
+
+
+SAMPLERS: dict[str, type[EulerODE] | type[DPMSolverPP2M] | type[FlowSDE] | type[CPS] | type[DanceSDE]] = {
+    cls.name: cls for cls in (EulerODE, DPMSolverPP2M, FlowSDE, CPS, DanceSDE)
 }
 
 
@@ -231,6 +266,6 @@ def make_sampler(name: str, noise_level: float | None = None) -> Sampler:
     cls = SAMPLERS[name]
     if noise_level is None:
         return cls()
-    if cls is FlowSDE or cls is CPS:
+    if cls is FlowSDE or cls is CPS or cls is DanceSDE:
         return cls(noise_level)
     raise ValueError(f"sampler {name!r} is deterministic and takes no noise_level")

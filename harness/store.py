@@ -3,11 +3,13 @@
 ``results.csv`` / ``results.parquet``: one row per evaluation with ``suite``, ``method``,
 ``variant``, ``seed``, ``iteration``, the eval point, every compute unit (``compute/*``), every
 metric (``eval/*``, per task too) and wall time (``time/elapsed``). ``metadata.json``: git commit,
-config hash, package versions, device and timings.
+config hash, package versions (the main ones, and every installed distribution with the lock file's
+sha256: :func:`environment`), device and timings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import platform
 import subprocess
@@ -21,6 +23,7 @@ import torch
 from harness.atomic import atomic_write
 
 PACKAGES = ("diffrl", "torch", "numpy", "pandas", "diffusers", "transformers", "peft", "accelerate")
+LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements" / "lock.txt"  # the Makefile's LOCK
 ID_COLUMNS = ("suite", "method", "variant", "seed", "iteration", "optimizer_steps", "eval_point", "budget/fraction")
 
 
@@ -79,6 +82,27 @@ def package_versions() -> dict[str, str | None]:
         except importlib_metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def installed_distributions() -> list[str]:
+    """Every distribution this interpreter can import from, as sorted ``name==version`` lines (first on the path wins)."""
+    found: dict[str, str] = {}
+    for dist in importlib_metadata.distributions():
+        name = dist.metadata["Name"]
+        if name and name.lower() not in found:
+            found[name.lower()] = f"{name}=={dist.version}"
+    return sorted(found.values(), key=str.lower)
+
+
+def lock_info(path: Path = LOCK_FILE) -> dict[str, str | None]:
+    """The lock file the Makefile installs from: its path and sha256 (None where the checkout has none)."""
+    digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return {"file": str(path), "sha256": digest}
+
+
+def environment() -> dict[str, Any]:
+    """The full installed set and the lock it was meant to follow (``metadata.json``'s ``environment``)."""
+    return {"installed": installed_distributions(), "lock": lock_info()}
 
 
 def device_info() -> dict[str, Any]:

@@ -29,6 +29,7 @@ from harness.config import ConfigError, build, call_checked
 from harness.evaluate import EvalSettings
 from harness.optim import OptimConfig
 from harness.samplers import SAMPLERS
+from harness.statistics import DEFAULT_GAIN
 from harness.suite_model import GuidedVariant, ModelSpec, check_flux_methods, check_model
 from harness.validation import require
 
@@ -128,10 +129,15 @@ class ReportSpec:
     unit: Unit | None = None  # x axis of the curves (default: the budget's unit)
     log_x: bool = False
     reference: str | None = None  # speedups are relative to this label
-    target: float | None = None  # compute-to-target threshold (default: the reference's final score)
+    target: float | None = None  # an absolute score to reach (null: target_gain)
+    # The target when `target` is null: this fraction of the reference's final seed-mean gain over the
+    # untrained model (docs/statistics.md); 1.0 is the reference's final seed-mean score.
+    target_gain: float = DEFAULT_GAIN
 
     def __post_init__(self) -> None:
         require(self.target is None or math.isfinite(self.target), "target", self.target, "a finite number or null")
+        require(math.isfinite(self.target_gain) and 0 < self.target_gain <= 1, "target_gain", self.target_gain,
+                "a fraction in (0, 1] of the reference's gain")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,7 +2,9 @@
 
 One tracker run per (variant, seed) cell, named ``<suite>/<variant>/seed<k>``: the resolved config
 is stored at the start, every training iteration and every evaluation is logged with the
-iteration as the step. The suite's result files never depend on a tracker.
+iteration as the step, and so is each evaluation's sample grid (with ``eval.grids``), as an image
+where the tracker takes images (tensorboard, wandb, aim, clearml, swanlab; the others skip it).
+The suite's result files never depend on a tracker.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
+from PIL import Image
 
 
 class CellTrackers:
@@ -32,9 +36,30 @@ class CellTrackers:
         for tracker in self.trackers:
             tracker.log(numbers, step=step)
 
+    def log_image(self, key: str, image: Path | np.ndarray, step: int) -> None:
+        """Log one (H, W, 3) uint8 image, or a PNG file such as a sample grid, to every tracker that takes images."""
+        takers = [tracker for tracker in self.trackers if hasattr(tracker, "log_images")]
+        if not takers:
+            return
+        if isinstance(image, Path):
+            with Image.open(image) as file:
+                image = np.asarray(file.convert("RGB"))
+        for tracker in takers:
+            values, kwargs = _image_values(tracker.name, key, image)
+            tracker.log_images(values, step=step, **kwargs)  # type: ignore[attr-defined]
+
     def finish(self) -> None:
         for tracker in self.trackers:
             tracker.finish()
+
+
+def _image_values(name: str, key: str, image: np.ndarray) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``log_images``'s arguments for tracker ``name``: accelerate's trackers take images in different forms."""
+    if name == "tensorboard":  # SummaryWriter.add_images: one batch array
+        return {key: image[None]}, {"dataformats": "NHWC"}
+    if name in ("aim", "clearml"):  # one array per key
+        return {key: image}, {}
+    return {key: [image]}, {}  # wandb, swanlab, ...: a list of images per key
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -40,7 +40,7 @@ from harness.compute import PHASES, CountingPolicy, Ledger
 from harness.distributed import SINGLE, Processes
 from harness.evaluate import EvalOutput, EvalSettings, evaluate_policy
 from harness.fsdp import shard_policy
-from harness.optim import OptimConfig, Optimization
+from harness.optim import OptimConfig, Optimization, method_ema_settings
 from harness.policy import Policy
 from harness.resume import LoopState, load_checkpoint, save_checkpoint
 from harness.samplers import SAMPLERS, Sampler, make_sampler
@@ -118,7 +118,7 @@ def build_method(
         raise TypeError(f"method {name!r} takes a {config_cls.__name__}, got {type(method_cfg).__name__}")
     sync = processes.average_gradients if processes.world_size > 1 and not processes.fsdp else None
     optim = Optimization(
-        policy.trainable_parameters(), optim_cfg, ema_interval=method_cfg.ema_interval, gradient_sync=sync
+        policy.trainable_parameters(), optim_cfg, gradient_sync=sync, **method_ema_settings(method_cfg)
     )
     if not method_cls.capabilities.needs_differentiable_reward:
         return method_cls(method_cfg, policy, optim), optim

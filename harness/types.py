@@ -5,7 +5,8 @@ each other: a method calls a reward it is given, a prompt set scores its eval im
 
 A reward scores a batch: ``images`` (B, 3, H, W) in [0, 1] and the matching prompts (text plus
 metadata) → (B,) float32 scores on the CPU. A failed score raises :class:`RewardError`; it is
-never silently replaced by 0.
+never silently replaced by 0. Every reward refuses a batch it cannot score (:func:`check_images`: not
+(B, 3, H, W) floats, non-finite pixels, pixels outside [0, 1]) before scoring it, with a :class:`RewardError`.
 """
 
 from __future__ import annotations
@@ -81,3 +82,35 @@ def check_scores(name: str, scores: Tensor, batch: int) -> Tensor:
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         raise RewardError(f"reward {name!r} returned non-finite scores at batch positions {bad}")
     return scores.float().cpu()
+
+
+IMAGE_TOLERANCE = 1e-3  # pixels may stray this far outside [0, 1] (rounding in a decoder) and still be scored
+
+
+def check_images(name: str, images: Tensor, tolerance: float = IMAGE_TOLERANCE) -> None:
+    """Refuse a batch reward ``name`` cannot score: raise :class:`RewardError` unless ``images`` is a float
+    (B, 3, H, W) tensor of finite pixels in [0, 1] (± ``tolerance``). Every reward calls this first.
+
+    A NaN image scored as 0.0 would be a silent reward; here it names the offending batch positions instead.
+    """
+    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise RewardError(f"reward {name!r} expects images of shape (B, 3, H, W), got {shape}")
+    if not images.is_floating_point():
+        raise RewardError(f"reward {name!r} expects float images in [0, 1], got dtype {images.dtype}")
+    if images.numel() == 0:
+        return
+    pixels = images.detach().flatten(1)
+    finite = torch.isfinite(pixels).all(dim=1)
+    inside = (pixels.amin(dim=1) >= -tolerance) & (pixels.amax(dim=1) <= 1 + tolerance)  # NaN compares False
+    if bool((finite & inside).all()):  # one device sync
+        return
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise RewardError(f"reward {name!r} got non-finite pixels (NaN or inf) in images at batch positions {bad}")
+    bad = (~inside).nonzero().flatten().tolist()
+    low, high = float(pixels.amin()), float(pixels.amax())
+    raise RewardError(
+        f"reward {name!r} expects pixels in [0, 1], got values in [{low:.4g}, {high:.4g}] in images at batch "
+        f"positions {bad}"
+    )

@@ -18,9 +18,15 @@ stabilisers the notes list ("EMA-KL plus PPO-style clipping … never disable bo
   p = 0.25 (also ``"uniform"`` (w = ℓ, the paper's plain form), ``"t"``, ``"t2"``, ``"huber"``);
 * advantages: per-prompt mean, global std (as FlowGRPO), clipped to ±A_max = 5 and rescaled by
   ``advantage_max/A_max`` = 1/5;
-* KL to the frozen reference ``kl_coef·mean((v_θ − v_ref)²)`` (β = 0.003 GenEval/OCR, 1e-4 PickScore)
+* KL to the frozen reference ``kl_coef·mean((v_θ − v_ref)²)`` (β = 0.001 GenEval since the official
+  commit be51372 of 2026-03-27, 0.003 before it and for OCR, 1e-4 PickScore)
   and the EMA-KL ``ema_kl_coef·mean((v_θ − v_ema)²)`` (``ema_beta = 1``) to an EMA of θ updated once
   per collection, ``ema ← d·ema + (1 − d)·θ`` with ``d = min(0.3, 0.001·step)`` (``linear``).
+
+The EMA that evaluation uses is the official ``EMAModuleWrapper`` with ``ema_decay = 0.99`` (all
+official configs), stepped once per collection: ``eval_ema_decay = 0.99`` overrides the suite's
+``train.optim.ema_max_decay`` (0.9) for AWM (:func:`harness.optim.method_ema_settings`). (Not to be
+confused with ``ema_decay_max``, the official ``kl_ema_decay`` of the EMA-KL anchor.)
 
 The EMA anchor lives in the Policy's "old" weight set. The official default is on-policy
 (``off_policy=False``): collection uses θ itself, so "old" is then only the EMA-KL anchor, not
@@ -80,7 +86,7 @@ class AWMConfig:
     advantage_max: float = 1.0  # advantages rescaled to ±advantage_max after clipping
     std: StdMode = "global"
     clip_range: float = 1.0  # ε of the ratio clip (official 1; Flow-Factory suggests 1e-5)
-    kl_coef: float = 0.003  # β: mean((v_θ − v_ref)²) (1e-4 for PickScore)
+    kl_coef: float = 0.001  # β: mean((v_θ − v_ref)²) (official GenEval 0.001; 0.003 OCR; 1e-4 PickScore)
     ema_kl_coef: float = 1.0  # ema_beta: mean((v_θ − v_ema)²) (Flow-Factory: 0.1)
     ema_decay_max: float = 0.3  # kl_ema_decay
     ema_decay_type: Literal["linear", "constant"] = "linear"  # linear: min(max, 0.001·step)
@@ -94,12 +100,13 @@ class AWMConfig:
     optimizer_steps_per_iteration: int = 1
     train_batch_size: int = 64
     ema_interval: int = 1
+    eval_ema_decay: float = 0.99  # official train.ema_decay of the evaluation EMA; overrides optim.ema_max_decay
 
     def __post_init__(self) -> None:
         check_literals(self)
         check_positive(self, "ghuber_power", "adv_clip_max", "advantage_max", "clip_range", "shift", "guidance_scale")
         check_non_negative(self, "kl_coef", "ema_kl_coef")
-        check_unit_interval(self, "ema_decay_max")
+        check_unit_interval(self, "ema_decay_max", "eval_ema_decay")
         check_at_least(self, 2, "num_steps")
         check_at_least(self, 1, "train_timesteps", "optimizer_steps_per_iteration", "train_batch_size", "ema_interval")
         check_fraction(self, "timestep_fraction")

@@ -17,10 +17,17 @@ and the official code is the default:
   fresh noise per (sample, step) (``timesteps="schedule"``, default); uniform or logit-normal t
   as options.
 
-Positive-only ablation (paper §5 ablations, "removing the negative branch" makes rewards
-collapse almost instantly): ``negative_branch=False`` drops the ``(1 − r)·L⁻`` term, leaving
-``r·L⁺`` (a reward-weighted regression towards ``v⁺``); :data:`POSITIVE_ONLY` is that preset.
-The default (True) is the full objective, numerically unchanged.
+Two "positive-only" variants exist, and they differ:
+
+* :data:`POSITIVE_BRANCH_ONLY` (``negative_branch=False``), the paper's ablation (§5, "removing the
+  negative branch" makes rewards collapse almost instantly): drops the ``(1 − r)·L⁻`` term, leaving
+  ``r·L⁺`` (a reward-weighted regression towards ``v⁺``);
+* :data:`POSITIVE_ADVANTAGES_ONLY` (``adv_mode="positive_only"``), the official code's option: clamps the
+  advantages at 0 before ``r`` (so ``r ∈ [0.5, 1]``) and keeps both branches. The official ``adv_mode``
+  also has ``negative_only`` (clamp at 0 from above), ``one_only`` (A > 0 → 1, else 0) and ``binary``
+  (sign A); the default ``"all"`` leaves A as it is.
+
+The defaults (``negative_branch=True``, ``adv_mode="all"``) are the full objective, numerically unchanged.
 
 After each collection's optimizer step(s) the sampling policy is soft-updated,
 ``θ_old ← η·θ_old + (1 − η)·θ`` (decay type 1: ``η = min(0.001·step, 0.5)``; type 2, the OCR
@@ -47,6 +54,9 @@ from harness.types import Prompt
 from harness.validation import check_at_least, check_fraction, check_literals, check_non_negative, check_positive
 from methods.base import Capabilities, Rollout
 
+AdvMode = Literal["all", "positive_only", "negative_only", "one_only", "binary"]
+ADV_MODES: tuple[AdvMode, ...] = ("all", "positive_only", "negative_only", "one_only", "binary")
+
 
 @dataclass(frozen=True, kw_only=True)
 class DiffusionNFTConfig:
@@ -67,7 +77,8 @@ class DiffusionNFTConfig:
     optimizer_steps_per_iteration: int = 1  # 2 for OCR in the official code
     train_batch_size: int = 64
     ema_interval: int = 1
-    negative_branch: bool = True  # False: the positive-only ablation, loss r·L⁺ only
+    negative_branch: bool = True  # False: the paper's positive-only ablation, loss r·L⁺ only
+    adv_mode: AdvMode = "all"  # official train.adv_mode: "positive_only" clamps A at 0 (both branches kept)
 
     def __post_init__(self) -> None:
         check_literals(self)
@@ -84,18 +95,40 @@ class DiffusionNFTConfig:
         return max(1, int(self.num_steps * self.timestep_fraction))
 
 
-POSITIVE_ONLY = DiffusionNFTConfig(negative_branch=False)  # DiffusionNFT's positive-only ablation
+POSITIVE_BRANCH_ONLY = DiffusionNFTConfig(negative_branch=False)  # the paper's ablation: no negative branch
+POSITIVE_ADVANTAGES_ONLY = DiffusionNFTConfig(adv_mode="positive_only")  # the official code's: A clamped at 0
+
+
+def mode_advantages(advantages: Tensor, adv_mode: AdvMode, adv_clip_max: float) -> Tensor:
+    """The official ``adv_mode`` transform of the clipped advantages (``train_nft_sd3.py``), (B,).
+
+    ``all``: A; ``positive_only``: clip(A, 0, A_max); ``negative_only``: clip(A, −A_max, 0);
+    ``one_only``: 1 where A > 0, else 0; ``binary``: sign(A).
+    """
+    if adv_mode == "all":
+        return advantages
+    if adv_mode == "positive_only":
+        return advantages.clamp(0.0, adv_clip_max)
+    if adv_mode == "negative_only":
+        return advantages.clamp(-adv_clip_max, 0.0)
+    if adv_mode == "one_only":
+        return (advantages > 0).to(advantages.dtype)
+    if adv_mode == "binary":
+        return torch.sign(advantages)
+    raise ValueError(f"adv_mode must be one of {', '.join(ADV_MODES)}, got {adv_mode!r}")
 
 
 def optimality_probability(
-    rewards: Tensor, group_ids: Tensor, adv_clip_max: float = 5.0, std: StdMode = "global"
+    rewards: Tensor, group_ids: Tensor, adv_clip_max: float = 5.0, std: StdMode = "global", adv_mode: AdvMode = "all"
 ) -> Tensor:
     """``r = 0.5 + clip(A, ±A_max)/(2·A_max)`` with A the per-prompt-centred reward over the std + 1e-4.
 
     DiffusionNFT Alg. 1 lines 4–5; the official code (``stat_tracking.py``, ``global_std=True``)
-    centres per prompt and divides by one std over the whole batch.
+    centres per prompt and divides by one std over the whole batch, and applies ``adv_mode``
+    (:func:`mode_advantages`) to the clipped A before r.
     """
     advantages = group_advantages(rewards, group_ids, std=std).clamp(-adv_clip_max, adv_clip_max)
+    advantages = mode_advantages(advantages, adv_mode, adv_clip_max)
     return (0.5 + advantages / (2 * adv_clip_max)).clamp(0.0, 1.0)
 
 
@@ -204,7 +237,9 @@ class DiffusionNFT:
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg = self.cfg
-        r = rollout.mine(optimality_probability(rewards, rollout.all_group_ids, cfg.adv_clip_max, cfg.std))
+        r = rollout.mine(
+            optimality_probability(rewards, rollout.all_group_ids, cfg.adv_clip_max, cfg.std, cfg.adv_mode)
+        )
         logs: dict[str, float] = {"train/r_mean": r.mean().item()}
         # Each optimizer step's chunk draws its samples' K training times first (official order), then the passes.
         logs |= accumulate(self.optim, torch.arange(rollout.x0.shape[0]), functools.partial(self._loss, rollout, r),

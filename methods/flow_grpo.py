@@ -13,6 +13,18 @@ code. Training covers every SDE transition but the last (``timestep_fraction = 0
 set separately for the rollout, the training log-prob and evaluation (official: 4.5, empty-string
 negative prompt).
 
+Which samples train (``sample_filter``): the official code (``train_sd3.py``) drops every sample whose
+advantage is exactly 0 and turns dropped samples back on at random until the kept count per process
+is a multiple of ``num_batches_per_epoch`` (``filter_multiple = 4`` in the 32-GPU GenEval config), so
+that its micro-batches are equal: :func:`zero_advantage_filter`, the default. ``"zero_std_groups"``
+drops only whole groups whose rewards are all equal (the earlier harness rule; it keeps a sample
+equal to its group's mean, about 0.5% of the samples with GenEval-like rewards).
+
+The EMA that evaluation uses is stepped after every micro-batch in the official loop, so an update
+step's decay applies G = ``gradient_accumulation_steps`` = 2 times (``ema_updates_per_step``, see
+:mod:`harness.ema`): d² = 0.81 every 8th step instead of 0.9. The official GenEval config takes 2
+optimizer steps per epoch (``optimizer_steps_per_iteration = 2``).
+
 Rollouts and the loss share one sampler step, :class:`harness.samplers.FlowSDE`; gradients accumulate
 through the shared inner loop :func:`harness.accumulate.accumulate`.
 """
@@ -23,7 +35,7 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -38,9 +50,11 @@ from harness.types import Prompt
 from harness.validation import check_at_least, check_fraction, check_literals, check_non_negative, check_positive
 from methods.base import Capabilities, Rollout
 
-__all__ = ["FlowGRPO", "FlowGRPOConfig", "gaussian_kl_mean", "grpo_logs", "grpo_loss"]
+__all__ = ["FlowGRPO", "FlowGRPOConfig", "gaussian_kl_mean", "grpo_logs", "grpo_loss", "zero_advantage_filter"]
 
 log = logging.getLogger(__name__)
+
+SampleFilter = Literal["zero_advantage", "zero_std_groups"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,19 +71,62 @@ class FlowGRPOConfig:
     kl_coef: float = 0.04  # β_KL: 0.04 GenEval/OCR, 0.01 PickScore
     rollout_cfg: float = 4.5  # CFG scale for the rollouts
     train_cfg: float = 4.5  # CFG scale inside the training log-prob (must match the rollout's)
-    optimizer_steps_per_iteration: int = 1  # official: 2 per epoch of 48 groups
+    optimizer_steps_per_iteration: int = 2  # official: 2 per epoch of 48 groups (grad_accum = num_batches // 2)
     train_batch_size: int = 64
+    sample_filter: SampleFilter = "zero_advantage"  # official; "zero_std_groups": drop only all-tied groups
+    filter_multiple: int = 4  # official num_batches_per_epoch: kept samples per process refilled to a multiple
     ema_interval: int = 8
+    ema_updates_per_step: int = 2  # official: EMA stepped after each of the 2 micro-batches per optimizer step
     check_on_policy: bool = False  # debug: assert the first ratio of each collection is 1
 
     def __post_init__(self) -> None:
         check_literals(self)
         check_non_negative(self, "noise_level", "kl_coef")
         check_positive(self, "clip_range", "adv_clip_max", "rollout_cfg", "train_cfg", "shift")
-        check_at_least(self, 1, "num_steps", "optimizer_steps_per_iteration", "train_batch_size", "ema_interval")
+        check_at_least(self, 1, "num_steps", "optimizer_steps_per_iteration", "train_batch_size", "ema_interval",
+                       "ema_updates_per_step", "filter_multiple")  # fmt: skip
         check_fraction(self, "timestep_fraction")
         if self.check_on_policy and self.rollout_cfg != self.train_cfg:
             raise ValueError("check_on_policy needs rollout_cfg == train_cfg (otherwise the first ratio is never 1)")
+
+
+def zero_advantage_filter(
+    advantages: Tensor, multiple: int, generator: torch.Generator, *, refill_empty: bool = False
+) -> Tensor:
+    """(B,) bool: FlowGRPO's official sample filter (``train_sd3.py``) on this process's advantages (B,).
+
+    Keep every sample whose advantage is not exactly 0. If the kept count is not a multiple of ``multiple``
+    (official ``num_batches_per_epoch``), turn ``multiple − count % multiple`` dropped samples back on, the
+    first of one ``randperm`` of the dropped ones (nothing when too few are dropped). ``refill_empty``
+    (``train_sd3_fast.py``) also refills when nothing is kept.
+    """
+    if advantages.ndim != 1 or multiple < 1:
+        raise ValueError(f"advantages must be (B,) and multiple >= 1, got {tuple(advantages.shape)}, {multiple}")
+    mask = advantages != 0
+    count = int(mask.sum())
+    if count % multiple or (refill_empty and count == 0):
+        dropped = (~mask).nonzero().flatten()
+        missing = multiple - count % multiple
+        if len(dropped) >= missing:
+            mask[dropped[torch.randperm(len(dropped), generator=generator)[:missing]]] = True
+    return mask
+
+
+def kept_samples(
+    rewards: Tensor, advantages: Tensor, rollout: Rollout, rule: SampleFilter, multiple: int, generator: torch.Generator,
+    *, refill_empty: bool = False,
+) -> tuple[Tensor, bool, dict[str, float]]:  # fmt: skip
+    """This process's trained samples under ``rule`` (``"zero_advantage"`` or ``"zero_std_groups"``), whether
+    the whole batch has none (every process then skips its step), and the filter's logs."""
+    tied = zero_std_groups(rewards, rollout.all_group_ids)
+    if rule == "zero_advantage":
+        mask = zero_advantage_filter(rollout.mine(advantages), multiple, generator, refill_empty=refill_empty)
+        # The whole batch trains nothing only when no advantage is non-zero and no process refilled (equal shares).
+        none = not bool((advantages != 0).any()) and not bool(mask.any())
+    else:
+        mask, none = ~rollout.mine(tied), bool(tied.all())
+    logs = {"train/zero_std_ratio": tied.float().mean().item(), "train/kept_fraction": mask.float().mean().item()}
+    return mask.nonzero().flatten(), none, logs
 
 
 def grpo_loss(
@@ -163,12 +220,10 @@ class FlowGRPO:
         advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std).clamp(
             -cfg.adv_clip_max, cfg.adv_clip_max
         )
+        keep, none, logs = kept_samples(rewards, advantages, rollout, cfg.sample_filter, cfg.filter_multiple, generator)
         advantages = rollout.mine(advantages)
-        dropped = zero_std_groups(rewards, rollout.all_group_ids)
-        keep = (~rollout.mine(dropped)).nonzero().flatten()
-        logs: dict[str, float] = {"train/zero_std_ratio": dropped.float().mean().item()}
-        if dropped.all():
-            logs["train/skipped"] = 1.0  # every group had all-equal rewards: no signal, no step
+        if none:
+            logs["train/skipped"] = 1.0  # no sample with a learning signal anywhere in the batch: no step
             return logs
         self._first_check = cfg.check_on_policy
         loss_fn = functools.partial(self._loss, trajectory, rollout.cond, advantages)

@@ -9,11 +9,14 @@ invariance), each with its own window, so one collection mixes windows. Steps
 the deterministic Euler ODE (the SDE at noise level 0): the shared rollout with a
 :class:`harness.rollout.Window`. Only the window's latents and log-probs
 are stored, and only its ``w`` transitions are trained, with FlowGRPO's clipped-ratio loss
-(:func:`methods.flow_grpo.grpo_loss`, Eq. 4–5) and group-relative advantages; groups whose
-rewards are all equal are dropped, as FlowGRPO does.
+(:func:`methods.flow_grpo.grpo_loss`, Eq. 4–5) and group-relative advantages. Samples whose advantage
+is exactly 0 are dropped and refilled to a multiple of ``filter_multiple`` as FlowGRPO does
+(:func:`methods.flow_grpo.zero_advantage_filter`; the Fast script also refills when none is kept),
+and the EMA is stepped per micro-batch (``ema_updates_per_step = 2``).
 
 Defaults are the official CFG-free recipe (``geneval_sd3_fast_nocfg`` / ``pickscore_sd3_fast_nocfg``,
 also :data:`NOCFG_RECIPE`): 10 steps, window 3 in [0, 5), ``sde_type="cps"`` with noise level 0.8,
+2 optimizer steps per iteration (``gradient_accumulation_steps = num_batches_per_epoch // 2``),
 guidance 1 in training and evaluation (``train.cfg=False``: "the RL process effectively performs
 CFG distillation"), clip 1e-5 (FAQ: "set a relatively small clip_range, otherwise training may
 crash"), β_KL = 0, global std. :data:`WITH_CFG` is *not* an official recipe: it was composed
@@ -38,7 +41,7 @@ import torch
 from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
-from harness.advantages import StdMode, group_advantages, zero_std_groups
+from harness.advantages import StdMode, group_advantages
 from harness.optim import Optimization
 from harness.policy import Cond, Policy, guided_velocity, iter_batches
 from harness.rollout import Trajectory, Window, rollout
@@ -46,7 +49,7 @@ from harness.samplers import Transition, flow_schedule, make_sampler
 from harness.types import Prompt
 from harness.validation import check_at_least, check_literals, check_non_negative, check_positive
 from methods.base import Capabilities, Rollout
-from methods.flow_grpo import gaussian_kl_mean, grpo_logs, grpo_loss
+from methods.flow_grpo import SampleFilter, gaussian_kl_mean, grpo_logs, grpo_loss, kept_samples
 
 
 def check_window(num_steps: int, size: int, window_range: tuple[int, int]) -> None:
@@ -77,16 +80,19 @@ class FlowGRPOFastConfig:
     kl_coef: float = 0.0  # β_KL
     rollout_cfg: float = 1.0  # CFG scale of the collection
     train_cfg: float = 1.0  # CFG scale inside the training log-prob (must match the rollout's to be on-policy)
-    optimizer_steps_per_iteration: int = 1
+    optimizer_steps_per_iteration: int = 2  # official: gradient_accumulation_steps = num_batches_per_epoch // 2
     train_batch_size: int = 64
+    sample_filter: SampleFilter = "zero_advantage"  # official; "zero_std_groups": drop only all-tied groups
+    filter_multiple: int = 4  # official num_batches_per_epoch: kept samples per process refilled to a multiple
     ema_interval: int = 8
+    ema_updates_per_step: int = 2  # official: EMA stepped after each of the 2 micro-batches per optimizer step
 
     def __post_init__(self) -> None:
         check_literals(self)
         check_non_negative(self, "noise_level", "kl_coef")
         check_positive(self, "clip_range", "adv_clip_max", "rollout_cfg", "train_cfg", "shift")
-        check_at_least(self, 1, "num_steps", "optimizer_steps_per_iteration", "train_batch_size", "ema_interval")
-        check_at_least(self, 1, "sde_window_size")
+        check_at_least(self, 1, "num_steps", "optimizer_steps_per_iteration", "train_batch_size", "ema_interval",
+                       "ema_updates_per_step", "filter_multiple", "sde_window_size")  # fmt: skip
         check_window(self.num_steps, self.sde_window_size, self.sde_window_range)
 
 
@@ -158,16 +164,13 @@ class FlowGRPOFast:
             raise ValueError("FlowGRPOFast needs the window trajectory from its own collect")
         advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std).clamp(-cfg.adv_clip_max,
                                                                                          cfg.adv_clip_max)  # fmt: skip
+        keep, none, logs = kept_samples(rewards, advantages, rollout, cfg.sample_filter, cfg.filter_multiple, generator,
+                                        refill_empty=True)  # fmt: skip
         advantages = rollout.mine(advantages)
-        dropped = zero_std_groups(rewards, rollout.all_group_ids)
-        keep = (~rollout.mine(dropped)).nonzero().flatten()
         starts = (trajectory.timesteps[:, :1] == self.schedule).float().argmax(dim=1)  # (B,) schedule index
-        logs = {
-            "train/zero_std_ratio": dropped.float().mean().item(),
-            "train/window_start": starts.float().mean().item(),
-        }
-        if dropped.all():
-            logs["train/skipped"] = 1.0  # every group had all-equal rewards: no signal, no step
+        logs["train/window_start"] = starts.float().mean().item()
+        if none:
+            logs["train/skipped"] = 1.0  # no sample with a learning signal anywhere in the batch: no step
             return logs
         logs |= accumulate(self.optim, keep, functools.partial(self._loss, trajectory, rollout.cond, advantages),
                            generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,

@@ -112,6 +112,7 @@ def train_weighted_flow_matching(
     optimizer_steps: int,
     shift: float,
     generator: torch.Generator,
+    mean_over: int | None = None,
 ) -> dict[str, float]:
     """Minimise ``mean_i w_i·ℓ_θ(x_t^i)`` over the samples ``indices`` (weights aligned with them).
 
@@ -119,9 +120,19 @@ def train_weighted_flow_matching(
     into ``optimizer_steps`` steps through the shared loop (:func:`harness.accumulate.accumulate`), as
     FlowGRPO's SFT/DPO scripts accumulate over samples and their timestep draws. Returns the weighted loss
     and the unweighted FM error averaged over (sample, draw), and the grad norm.
+
+    ``mean_over = N``: each optimizer step's loss is the mean over its share of N samples, ``N/steps``, of
+    which only ``indices`` carry weight (FlowGRPO's SFT: ``mean(adv·ℓ)`` over every sample, adv ∈ {0, 1});
+    the zero-weight samples add nothing to the loss or its gradient, so they are not run (a ``len(chunk)·
+    steps/N`` factor on each step's mean instead). None: the mean over the trained ``indices``.
     """
     if weights.shape != indices.shape:
         raise ValueError(f"weights {tuple(weights.shape)} must align with indices {tuple(indices.shape)}")
+    if mean_over is not None and mean_over < len(indices):
+        raise ValueError(f"mean_over must be at least the {len(indices)} trained samples, got {mean_over}")
+
+    def chunk_factor(_: int, chunk: Tensor, __: torch.Generator) -> float:
+        return 1.0 if mean_over is None else len(chunk) * optimizer_steps / mean_over
 
     def loss_fn(batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
         sel = batch.items if batch.filler else indices[batch.items]  # a filler computes on local sample 0
@@ -129,12 +140,13 @@ def train_weighted_flow_matching(
         t = logit_normal_times(len(sel), batch.generator, shift)
         noise = torch.randn(x0.shape, generator=batch.generator)
         v_theta = policy.velocity(noised(x0, noise, t), t, rollout_.cond[sel])
-        loss = weighted_flow_matching_loss(v_theta, x0, noise, torch.zeros(1) if batch.filler else weights[batch.items])
+        w = torch.zeros(1) if batch.filler else weights[batch.items] * batch.chunk_state
+        loss = weighted_flow_matching_loss(v_theta, x0, noise, w)
         return loss, {"loss": loss.detach(), "fm_error": flow_matching_error(v_theta.detach(), x0, noise).mean()}
 
     return accumulate(optim, torch.arange(len(indices)), loss_fn, generator=generator, optimizer_steps=optimizer_steps,
                       batch_size=train_batch_size, repeats=draws_per_sample, pad=rollout_.shared,
-                      equal_passes=rollout_.equal_passes)  # fmt: skip
+                      equal_passes=rollout_.equal_passes, on_chunk=chunk_factor)  # fmt: skip
 
 
 class FlowMatchingSettings(Protocol):
@@ -187,14 +199,23 @@ class RefreshedFlowMatching:
         return collect_clean(self.policy, self.sampler, self.schedule, prompts, group_ids, generator,
                              guidance_scale=self.cfg.guidance_scale, weights="old")  # fmt: skip
 
-    def train(self, rollout: Rollout, indices: Tensor, weights: Tensor, generator: torch.Generator) -> dict[str, float]:
-        """:func:`train_weighted_flow_matching` on ``indices``, then the refresh; logs ``train/sampler_refreshed``."""
+    def train(
+        self,
+        rollout: Rollout,
+        indices: Tensor,
+        weights: Tensor,
+        generator: torch.Generator,
+        mean_over: int | None = None,
+    ) -> dict[str, float]:
+        """:func:`train_weighted_flow_matching` on ``indices`` (``mean_over``: its normaliser), then the refresh;
+        logs ``train/sampler_refreshed``."""
         cfg = self.cfg
         step_before = self.optim.global_step
         logs = train_weighted_flow_matching(
             self.policy, self.optim, rollout, indices, weights,
             draws_per_sample=max(1, int(cfg.num_steps * cfg.timestep_fraction)), train_batch_size=cfg.train_batch_size,
             optimizer_steps=cfg.optimizer_steps_per_iteration, shift=cfg.shift, generator=generator,
+            mean_over=mean_over,
         )  # fmt: skip
         refreshed = crossed_multiple(step_before, self.optim.global_step, cfg.sample_refresh_interval)
         if refreshed:

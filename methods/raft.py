@@ -26,6 +26,14 @@ The default is the official code's rule, by the project rule (paper and official
 support both, default to the official code); FlowGRPO's is the only official diffusion
 implementation of this baseline, and the one the notes' comparisons were run with.
 
+Loss normaliser (``loss_mean``). The official loss is ``mean(adv·ℓ)`` over *all* samples with
+``adv ∈ {0, 1}`` (``train_sd3_sft.py``), so each step's gradient is ``kept/B`` times the mean over
+the kept samples: ``"all_samples"`` (default). ``"kept"`` averages over the kept samples only (the
+earlier harness rule, the paper's SFT on the chosen set; about B/kept times larger a gradient, which
+matters under gradient clipping at 1.0). The zero-weight samples are not run: they add nothing to
+the loss or its gradient. That is a deviation in compute only: the official code spends a forward
+and a backward pass on each, B/kept times our training passes per iteration.
+
 Sampling setup. The notes' FlowGRPO baselines (SFT, Flow-RWR, Flow-DPO) share one online setup:
 Flow-SDE (a = 0.7), CFG 4.5, 40 steps, the collector refreshed every 40 optimizer steps. That is
 the :data:`ONLINE_SFT` preset. The config's default deliberately deviates (see the ``# deviation:``
@@ -54,6 +62,7 @@ from methods.base import Capabilities, Rollout
 from methods.forward_process import RefreshedFlowMatching, check_flow_matching_settings, group_members
 
 Ties = Literal["all_tied", "exact_k"]
+LossMean = Literal["all_samples", "kept"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +71,7 @@ class RAFTConfig:
 
     top_k: int = 1  # k of RAFT's "top-k of K" per prompt (top-1: FlowGRPO's OnlineSFT)
     ties: Ties = "all_tied"  # "all_tied": official FlowGRPO "sft" (all equal to the max); "exact_k": RAFT paper
+    loss_mean: LossMean = "all_samples"  # official: mean(adv·ℓ) over every sample; "kept": over the kept ones
     sampler: str = "dpm2"  # deviation: official flow_sde; any solver works, only clean samples are stored
     noise_level: float = 0.7  # a of the Flow-SDE when sampler="flow_sde" (ignored by deterministic samplers)
     num_steps: int = 10  # deviation: official 40 collection steps
@@ -127,7 +137,9 @@ class RAFT:
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         chosen = top_k_mask(rewards, rollout.all_group_ids, self.cfg.top_k, self.cfg.ties)
         kept = rollout.mine(chosen).nonzero().flatten()
-        logs = self.core.train(rollout, kept, torch.ones(len(kept)), generator)
+        # deviation: the zero-weight samples are not run (same loss and gradient; official: a pass on each).
+        mean_over = rollout.x0.shape[0] if self.cfg.loss_mean == "all_samples" else None  # this process's samples
+        logs = self.core.train(rollout, kept, torch.ones(len(kept)), generator, mean_over=mean_over)
         logs["train/kept_reward_mean"] = rewards[chosen].mean().item()
         logs["train/kept_fraction"] = chosen.float().mean().item()
         return logs

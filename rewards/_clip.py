@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness.types import Prompt, RewardError, RewardSpec
+from harness.types import Prompt, RewardError, RewardSpec, check_images
 
 T = TypeVar("T")
 
@@ -36,11 +36,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def check_batch(name: str, images: Tensor, prompts: Sequence[Prompt]) -> None:
-    """Raise ``ValueError`` unless ``images`` is a float (B, 3, H, W) batch with one prompt per image."""
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise ValueError(f"reward {name!r} expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"reward {name!r} expects float images in [0, 1], got dtype {images.dtype}")
+    """:func:`~harness.types.check_images` (a :class:`RewardError` for a batch that cannot be scored: wrong shape
+    or dtype, non-finite or out-of-range pixels), then ``ValueError`` unless there is one prompt per image."""
+    check_images(name, images)
     if len(prompts) != images.shape[0]:
         raise ValueError(f"reward {name!r}: {images.shape[0]} images but {len(prompts)} prompts")
 

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from harness.types import Prompt, Reward, RewardError, RewardSpec, check_scores
+from harness.types import Prompt, Reward, RewardError, RewardSpec, check_images, check_scores
 
 if TYPE_CHECKING:
     from rewards.normalize import Normalizer
 
-__all__ = ["Reward", "RewardError", "RewardSpec", "WeightedReward", "check_scores"]
+__all__ = ["Reward", "RewardError", "RewardSpec", "WeightedReward", "check_images", "check_scores"]
 
 
 class WeightedReward:
@@ -79,6 +79,7 @@ class WeightedReward:
             self.normalizers[key].load_state_dict(value)  # type: ignore[attr-defined]
 
     def __call__(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        check_images(self.spec.name, images)
         total = torch.zeros(images.shape[0])
         self.last_components, self.last_normalized = {}, {}
         for key, reward in self.rewards.items():

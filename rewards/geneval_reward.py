@@ -53,7 +53,7 @@ from harness.geneval_rules import (
     validate_metadata,
 )
 from harness.images import to_uint8
-from harness.types import Prompt, RewardError, RewardSpec
+from harness.types import Prompt, RewardError, RewardSpec, check_images
 from rewards.geneval_detect import BackendName, Detector, ImageDetections, make_detector
 from rewards.geneval_detect.color import ClipBackend, ColorClassifier, make_color_classifier
 
@@ -77,10 +77,18 @@ class JudgedImage:
         return {cls: [d.color for d in dets] for cls, dets in self.result.kept.items()}
 
 
-def resolve_class_names(class_names: str | Path | Sequence[str] | None) -> tuple[str, ...]:
-    """GenEval's 80 class names: given, read from a file, or the verified public ``object_names.txt``."""
+def resolve_class_names(
+    class_names: str | Path | Sequence[str] | None, data_dir: str | Path | None = None
+) -> tuple[str, ...]:
+    """GenEval's 80 class names: given, read from a file, or the verified public ``object_names.txt``.
+
+    The public file is read from ``data_dir/geneval/object_names.txt`` when ``data_dir`` is given, else from
+    the cache (``$DIFFRL_CACHE/prompt_sets/geneval/object_names.txt``, downloaded there on first use).
+    """
+    if isinstance(class_names, (str, Path)) and not Path(class_names).is_file():
+        raise MetadataError(f"class names file {class_names} does not exist (GenEval's object_names.txt, 80 lines)")
     if class_names is None or isinstance(class_names, (str, Path)):
-        names = tuple(load_class_names(class_names))
+        names = tuple(load_class_names(class_names, data_dir))
     else:
         names = tuple(class_names)
     if len(names) != 80 or len(set(names)) != 80:
@@ -204,6 +212,7 @@ class GenEvalReward:
         return judged
 
     def __call__(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        check_images(self.spec.name, images)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         self.last_results = self.judge(list(to_uint8(images)), [p.metadata for p in prompts])

@@ -9,12 +9,13 @@ quote ×100.
 
 Choices, stated:
 
-* The model class comes from open_clip 3.x (a declared dependency), not hpsv2's vendored 2023 fork:
-  the ViT-H-14 architecture and state-dict keys are the same, the load is strict, and so every weight
-  comes from the HPS checkpoint. Because of that the 3.9 GB LAION base weights are never needed
-  ([inferred] in rewards.md §4; verify on the real files).
-* The tokenizer is hpsv2x's (``hpsv2.src.open_clip.tokenizer.tokenize``) by default, as the official
-  scorer; ``tokenizer="open_clip"`` uses open_clip's identical-by-construction SimpleTokenizer.
+* Model and tokenizer come from open_clip 3.x (a declared dependency); the hpsv2/hpsv2x package is not
+  used (it pins pytest==7.2.0 and protobuf<4). Its vendored 2023 open_clip fork has the same ViT-H-14
+  architecture and state-dict keys, the load is strict, and so every weight comes from the HPS
+  checkpoint: the 3.9 GB LAION base weights are never needed ([inferred] in rewards.md §4; verify on the
+  real files). The tokenizer is the one open_clip's ``architecture`` config names (ViT-H-14: the CLIP BPE
+  SimpleTokenizer, 77 tokens), whose ids equal hpsv2x 1.2.0's ``tokenize`` (checked in the tests against
+  ids recorded from it).
 * hpsv2 runs the model under CUDA autocast (``precision='amp'``); DiffusionNFT runs it in fp32. We run in
   ``dtype`` (float32 by default).
 * Deviation: PIL resizing is replaced by the tensor transform of :mod:`rewards._clip` (differentiable).
@@ -23,7 +24,7 @@ Choices, stated:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,46 +43,24 @@ from rewards._clip import (
     resolve_file,
 )
 
-TokenizerName = Literal["hpsv2x", "open_clip"]
-
-
-def hps_tokenizer(which: TokenizerName) -> Any:
-    """A callable ``list[str] → (B, 77) LongTensor``: hpsv2x's tokenizer (official) or open_clip's."""
-    if which == "hpsv2x":
-        try:
-            from hpsv2.src.open_clip.tokenizer import tokenize
-        except ImportError as error:
-            raise RewardError(
-                "hpsv2 tokenizer='hpsv2x' needs the hpsv2x package: `pip install --no-deps hpsv2x==1.2.0` "
-                f"(see the Makefile), or pass tokenizer='open_clip'. Cause: {error}"
-            ) from error
-        return tokenize
-    if which == "open_clip":
-        import open_clip
-
-        return open_clip.get_tokenizer("ViT-H-14")
-    raise ValueError(f"tokenizer must be 'hpsv2x' or 'open_clip', got {which!r}")
-
 
 class HPSv2:
     """HPSv2.1 raw cosine: images (B, 3, H, W) in [0, 1] + prompts → (B,); weights load on the first call.
 
     ``checkpoint``: the HPS state-dict file, a local path or ``owner/repo/filename`` on the hub
-    (``xswu/HPSv2/HPS_v2_compressed.pt`` is HPSv2.0). ``architecture``: the open_clip model config name.
+    (``xswu/HPSv2/HPS_v2_compressed.pt`` is HPSv2.0). ``architecture``: the open_clip model config name;
+    its tokenizer is open_clip's for that config.
     """
 
     def __init__(
         self,
         checkpoint: str = "xswu/HPSv2/HPS_v2.1_compressed.pt",
         architecture: str = "ViT-H-14",
-        tokenizer: TokenizerName = "hpsv2x",
         device: str = "cpu",
         dtype: str = "float32",
         batch_size: int = 16,
     ) -> None:
-        if tokenizer not in ("hpsv2x", "open_clip"):
-            raise ValueError(f"tokenizer must be 'hpsv2x' or 'open_clip', got {tokenizer!r}")
-        self.checkpoint, self.architecture, self.tokenizer_name = checkpoint, architecture, tokenizer
+        self.checkpoint, self.architecture = checkpoint, architecture
         self.device, self.dtype, self.batch_size = device, resolve_dtype(dtype), check_batch_size(batch_size)
         self.spec = RewardSpec(
             name="hpsv2",
@@ -101,7 +80,7 @@ class HPSv2:
             if self.architecture not in open_clip.list_models():
                 raise RewardError(f"architecture={self.architecture!r} is not an open_clip model config")
             path = resolve_file(self.checkpoint, "checkpoint")
-            tokenize = hps_tokenizer(self.tokenizer_name)
+            tokenize = open_clip.get_tokenizer(self.architecture)
             model = open_clip.create_model(self.architecture, pretrained=None, device="cpu", output_dict=True)
             try:
                 open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)

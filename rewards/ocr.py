@@ -6,11 +6,12 @@ text is every box the engine keeps, concatenated without separator in reading or
 
 Engines sit behind a tiny interface (:class:`OCREngine`):
 
-* ``rapidocr`` (default): PaddleOCR's PP-OCRv4 det/rec models in ONNX, shipped in the
-  ``rapidocr-onnxruntime`` wheel, so it runs offline. Its boxes are kept at recognition score ≥ 0.5,
-  PaddleOCR's ``drop_score`` default. It is called with ``use_cls=False``: RapidOCR runs its angle
-  classifier by default, while FlowGRPO builds PaddleOCR with ``use_angle_cls=False`` and reads with
-  ``cls=False``.
+* ``rapidocr`` (default, extra ``ocr``): RapidOCR 3.x on onnxruntime, running the PaddleOCR det/rec
+  models in ONNX that ship inside the ``rapidocr`` wheel (3.10: PP-OCRv6 small), so it runs offline.
+  Its boxes are kept at recognition score ≥ 0.5, PaddleOCR's ``drop_score`` default. It is called with
+  ``use_cls=False``: RapidOCR runs its angle classifier by default, while FlowGRPO builds PaddleOCR
+  with ``use_angle_cls=False`` and reads with ``cls=False``. (``rapidocr-onnxruntime`` 1.x, the
+  engine used before, is unmaintained and does not install on Python 3.13.)
 * ``tesseract``: the Debian ``tesseract-ocr`` binary, called through its TSV output.
 * ``paddle``: PaddleOCR itself (extra ``paddle``), the engine of the official code. It downloads its
   models on first use, so it needs the network or PaddleOCR's model cache.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import io
 import shutil
 import subprocess
@@ -46,7 +48,7 @@ from torch import Tensor
 
 from harness.images import to_uint8
 from harness.ocr_rules import ocr_target
-from harness.types import Prompt, RewardError, RewardSpec
+from harness.types import Prompt, RewardError, RewardSpec, check_images
 
 EngineName = Literal["rapidocr", "tesseract", "paddle"]
 
@@ -119,8 +121,11 @@ def _package_version(distribution: str, extra_hint: str) -> str:
         raise RewardError(f"OCR engine needs the package {distribution!r}; install it with {extra_hint}") from None
 
 
+OCR_EXTRA_HINT = "`pip install -e '.[ocr]'` (rapidocr and onnxruntime; the OCR models ship in the rapidocr wheel)"
+
+
 class RapidOCREngine:
-    """RapidOCR (``rapidocr-onnxruntime``): PP-OCRv4 det/rec + mobile angle classifier in ONNX, weights in the wheel.
+    """RapidOCR 3.x (``rapidocr`` + ``onnxruntime``): PaddleOCR det/rec models in ONNX, weights in the wheel.
 
     ``device="cuda"`` needs ``onnxruntime-gpu``; ``batch_size`` is the number of text crops per
     recognition pass; ``num_threads`` = -1 lets onnxruntime choose.
@@ -131,7 +136,9 @@ class RapidOCREngine:
     def __init__(
         self, device: str = "cpu", batch_size: int = 6, num_threads: int = -1, rgb_as_bgr: bool = False
     ) -> None:
-        self.version = _package_version("rapidocr-onnxruntime", "`pip install -e '.[ocr]'`")
+        self.version = _package_version("rapidocr", OCR_EXTRA_HINT)
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise RewardError(f"the rapidocr engine runs on onnxruntime, which is not installed; {OCR_EXTRA_HINT}")
         if device not in ("cpu", "cuda"):
             raise ValueError(f"rapidocr device must be 'cpu' or 'cuda', got {device!r}")
         self.device, self.batch_size, self.num_threads, self.rgb_as_bgr = device, batch_size, num_threads, rgb_as_bgr
@@ -139,20 +146,20 @@ class RapidOCREngine:
 
     def _load(self) -> Any:
         if self._ocr is None:
-            from rapidocr_onnxruntime import RapidOCR
+            from rapidocr import RapidOCR
 
             if self.device == "cuda":
                 import onnxruntime
 
                 if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
                     raise RewardError("rapidocr on 'cuda' needs onnxruntime-gpu: `pip install onnxruntime-gpu`")
-            cuda = self.device == "cuda"
             self._ocr = RapidOCR(
-                det_use_cuda=cuda,
-                cls_use_cuda=cuda,
-                rec_use_cuda=cuda,
-                rec_batch_num=self.batch_size,
-                intra_op_num_threads=self.num_threads,
+                params={
+                    "Global.log_level": "error",  # not a warning per image without text
+                    "Rec.rec_batch_num": self.batch_size,
+                    "EngineConfig.onnxruntime.intra_op_num_threads": self.num_threads,
+                    "EngineConfig.onnxruntime.use_cuda": self.device == "cuda",
+                }
             )
         return self._ocr
 
@@ -161,8 +168,10 @@ class RapidOCREngine:
         out = []
         for image in images:
             # RapidOCR treats an ndarray as BGR (OpenCV order). No angle classifier, as FlowGRPO's cls=False.
-            result, _ = ocr(image if self.rgb_as_bgr else np.ascontiguousarray(image[:, :, ::-1]), use_cls=False)
-            out.append([TextBox(str(text), float(conf), bounds(points)) for points, text, conf in result or []])
+            result = ocr(image if self.rgb_as_bgr else np.ascontiguousarray(image[:, :, ::-1]), use_cls=False)
+            boxes = () if result.boxes is None else result.boxes  # None when nothing is detected
+            found = zip(boxes, result.txts or (), result.scores or (), strict=True)
+            out.append([TextBox(str(text), float(conf), bounds(points)) for points, text, conf in found])
         return out
 
 
@@ -344,7 +353,7 @@ class OCRReward:
         except ImportError:
             raise RewardError(
                 "the OCR reward needs the `levenshtein` package (import name Levenshtein, as in FlowGRPO); "
-                "install it with `pip install -e '.[ocr]'`"
+                f"install it with {OCR_EXTRA_HINT}"
             ) from None
         if isinstance(engine, str):
             self.engine: OCREngine = make_engine(engine, device, batch_size, rgb_as_bgr)
@@ -361,6 +370,7 @@ class OCRReward:
         self.last_results: list[OCRResult] = []
 
     def __call__(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        check_images(self.spec.name, images)
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         targets = [ocr_target(p.text) for p in prompts]  # fail before running the engine

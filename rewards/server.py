@@ -9,21 +9,29 @@ scorers (the GenEval detector) in their own process or environment. The wire for
   stored as a uint8 array. Answer: ``{"reward": name, "scores": [B floats]}``, or an HTTP error with
   ``{"error": message}``.
 
-The server checks the reward's output with :func:`check_scores` before answering, and the client
-checks the answer again; a dead server, a timeout or a garbled answer raise :class:`RewardError`.
+The server refuses a batch no reward can score (:func:`check_images`: non-finite or out-of-range
+pixels) with HTTP 400, checks the reward's output with :func:`check_scores` before answering, and the
+client checks the answer again; a dead server, a timeout or a garbled answer raise :class:`RewardError`.
 The client retries only what cannot have reached the server (a refused or timed-out connection), so
 a slow ``/score`` is never sent twice. The server reads a request with a socket timeout and accepts
 only uncompressed ``.npz`` bodies (``np.savez``) whose arrays fit the body, so a small body cannot
 expand into a huge allocation.
+
+Authentication: with a token (``--token``, or ``DIFFRL_REWARD_TOKEN`` in the environment) every request
+must carry ``Authorization: Bearer <token>`` (else HTTP 401); :class:`RemoteReward` sends it. A server
+bound to a non-loopback address without a token is refused unless ``insecure=True`` (``--insecure``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import http.client
 import io
+import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -38,13 +46,43 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from harness.types import Prompt, Reward, RewardError, RewardSpec, check_scores
+from harness.types import Prompt, Reward, RewardError, RewardSpec, check_images, check_scores
 
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1 << 31  # 2 GiB: a batch of 64 float32 1024² images is 0.8 GB
 SOCKET_TIMEOUT = 120.0  # seconds the server waits on any one read from or write to a client
 WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+TOKEN_ENV = "DIFFRL_REWARD_TOKEN"  # the bearer token of server and client when none is passed
+
+
+def env_token() -> str | None:
+    """``$DIFFRL_REWARD_TOKEN``, or None when it is unset or empty."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only; a wildcard address does not."""
+    if host in WILDCARD_HOSTS:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses)
+
+
+def check_exposure(host: str, token: str | None, insecure: bool) -> None:
+    """``ValueError`` for a server that other hosts could reach without a token, unless ``insecure``."""
+    if token is None and not insecure and not is_loopback(host):
+        raise ValueError(
+            f"refusing to serve on {host!r} without a token: any host that reaches it could use the reward; pass "
+            f"--token (or set {TOKEN_ENV}) and give the clients the same token, bind 127.0.0.1, or pass --insecure"
+        )
 
 
 def encode_batch(images: Tensor, prompts: Sequence[Prompt], dtype: Literal["float32", "uint8"] = "float32") -> bytes:
@@ -144,10 +182,12 @@ class RewardServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, reward: Reward, address: tuple[str, int], socket_timeout: float = SOCKET_TIMEOUT) -> None:
+    def __init__(
+        self, reward: Reward, address: tuple[str, int], socket_timeout: float = SOCKET_TIMEOUT, token: str | None = None
+    ) -> None:
         super().__init__(address, RewardHandler)
         self.reward, self.lock, self.host = reward, threading.Lock(), address[0]
-        self.socket_timeout = socket_timeout
+        self.socket_timeout, self.token = socket_timeout, token
 
     @property
     def url(self) -> str:
@@ -173,13 +213,36 @@ class RewardHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _authorized(self) -> bool:
+        """True without a server token, or when the request carries it; else answers 401 (and drops the body)."""
+        token = self.server.token
+        if token is None:
+            return True
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+            return True
+        body = json.dumps({"error": f"missing or wrong bearer token; set {TOKEN_ENV} (or pass token=) to the "
+                                    "server's token"}).encode()  # fmt: skip
+        self.send_response(HTTPStatus.UNAUTHORIZED)
+        self.send_header("WWW-Authenticate", "Bearer")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True  # a POST body, if any, was not read
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if not self._authorized():
+            return
         if self.path != "/spec":
             self._answer(HTTPStatus.NOT_FOUND, {"error": f"unknown path {self.path!r}; use GET /spec or POST /score"})
             return
         self._answer(HTTPStatus.OK, spec_to_json(self.server.reward.spec))
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._authorized():
+            return
         if self.path != "/score":
             self._answer(HTTPStatus.NOT_FOUND, {"error": f"unknown path {self.path!r}; use POST /score"})
             return
@@ -200,12 +263,13 @@ class RewardHandler(BaseHTTPRequestHandler):
         if len(body) != length:
             self._answer(HTTPStatus.BAD_REQUEST, {"error": f"body ended after {len(body)} of {length} bytes"})
             return
+        reward = self.server.reward
         try:
             images, prompts = decode_batch(body)
-        except ValueError as error:
+            check_images(reward.spec.name, images)  # NaN or out-of-range pixels: the client's error, not a score
+        except (ValueError, RewardError) as error:
             self._answer(HTTPStatus.BAD_REQUEST, {"error": str(error)})
             return
-        reward = self.server.reward
         try:
             with self.server.lock:
                 scores = check_scores(reward.spec.name, reward(images, prompts), images.shape[0])
@@ -220,15 +284,23 @@ class RewardHandler(BaseHTTPRequestHandler):
 
 
 def make_server(
-    reward: Reward, host: str = "127.0.0.1", port: int = 0, socket_timeout: float = SOCKET_TIMEOUT
-) -> RewardServer:
-    """A bound, not yet running server (``port=0`` picks a free port; see ``server.url``)."""
-    return RewardServer(reward, (host, port), socket_timeout)
+    reward: Reward, host: str = "127.0.0.1", port: int = 0, socket_timeout: float = SOCKET_TIMEOUT,
+    token: str | None = None, insecure: bool = False,
+) -> RewardServer:  # fmt: skip
+    """A bound, not yet running server (``port=0`` picks a free port; see ``server.url``).
+
+    ``token``: the bearer token every request must carry (None: no authentication). Without one, a
+    non-loopback ``host`` is refused with ``ValueError`` unless ``insecure``.
+    """
+    check_exposure(host, token, insecure)
+    return RewardServer(reward, (host, port), socket_timeout, token)
 
 
-def serve(reward: Reward, host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve(
+    reward: Reward, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, insecure: bool = False
+) -> None:
     """Serve ``reward`` until interrupted."""
-    server = make_server(reward, host, port)
+    server = make_server(reward, host, port, token=token, insecure=insecure)
     logger.info("serving reward %s (%s) at %s", reward.spec.name, reward.spec.version, server.url)
     try:
         server.serve_forever()
@@ -236,16 +308,26 @@ def serve(reward: Reward, host: str = "127.0.0.1", port: int = 8000) -> None:
         server.server_close()
 
 
-def serve_reward(name: str, host: str = "127.0.0.1", port: int = 8000, **reward_kwargs: Any) -> None:
-    """Build the registered reward ``name`` with ``reward_kwargs`` (checked against its signature) and serve it."""
+def serve_reward(
+    name: str, host: str = "127.0.0.1", port: int = 8000, *, token: str | None = None, insecure: bool = False,
+    **reward_kwargs: Any,
+) -> None:  # fmt: skip
+    """Build the registered reward ``name`` with ``reward_kwargs`` (checked against its signature) and serve it.
+
+    ``token`` (default ``$DIFFRL_REWARD_TOKEN``) and ``insecure``: see :func:`make_server`; checked before the
+    reward is built.
+    """
     from harness.config import call_checked
     from rewards import REWARDS
 
+    token = token or env_token()
+    check_exposure(host, token, insecure)
     REWARDS.check(name)
     reward = call_checked(REWARDS.get(name), reward_kwargs, where=f"reward {name}")
     where = reachable_url(host, port) + (f" (bound to all interfaces as {host})" if host in WILDCARD_HOSTS else "")
-    print(f"serving reward {reward.spec.name!r} on {where} (POST /score, GET /spec)", flush=True)
-    serve(reward, host, port)
+    auth = "bearer token required" if token else "no authentication"
+    print(f"serving reward {reward.spec.name!r} on {where} (POST /score, GET /spec; {auth})", flush=True)
+    serve(reward, host, port, token, insecure)
 
 
 class RemoteReward:
@@ -258,7 +340,10 @@ class RemoteReward:
     raises :class:`RewardError` at once, since the server may still be scoring it and a resend would
     queue a duplicate behind it (``GET /spec`` is idempotent and retried on any failure). HTTP errors
     are never retried. ``spec`` is fetched from the server unless given. ``dtype="uint8"`` sends
-    quantised images (exact for rewards that quantise to uint8 themselves).
+    quantised images (exact for rewards that quantise to uint8 themselves). ``token`` (default
+    ``$DIFFRL_REWARD_TOKEN``) is sent as ``Authorization: Bearer``; prefer the environment variable to a suite
+    option, since a suite's options are written to its ``suite.yaml``. Images are checked (:func:`check_images`)
+    before they are sent.
     """
 
     def __init__(
@@ -270,6 +355,7 @@ class RemoteReward:
         spec: RewardSpec | None = None,
         dtype: Literal["float32", "uint8"] = "float32",
         connect_timeout: float | None = None,
+        token: str | None = None,
     ) -> None:
         connect_timeout = timeout if connect_timeout is None else connect_timeout
         if retries < 0 or timeout <= 0 or backoff < 0 or connect_timeout <= 0:
@@ -282,6 +368,7 @@ class RemoteReward:
             raise ValueError(f"url must look like http://host:port, got {url!r}")
         self.url, self.timeout, self.connect_timeout = url.rstrip("/"), timeout, connect_timeout
         self.retries, self.backoff, self.dtype = retries, backoff, dtype
+        self._token = token or env_token()  # private: kept out of repr-like dumps of the reward's attributes
         self._parts, self._host = parts, parts.hostname  # hostname: checked non-empty above
         self.spec = spec if spec is not None else spec_from_json(self._request("/spec", None))
 
@@ -313,6 +400,8 @@ class RemoteReward:
             connection = self._connect()
             try:
                 headers = {} if body is None else {"Content-Type": "application/octet-stream"}
+                if self._token is not None:
+                    headers["Authorization"] = f"Bearer {self._token}"
                 connection.request("GET" if body is None else "POST", self._parts.path + path, body, headers)
                 response = connection.getresponse()
                 status, raw = response.status, response.read()
@@ -337,6 +426,7 @@ class RemoteReward:
             raise RewardError(f"reward server {self.url}{path} sent invalid JSON ({error}): {raw[:200]!r}") from None
 
     def __call__(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        check_images(self.spec.name, images)
         answer = self._request("/score", encode_batch(images, prompts, self.dtype))
         scores = answer.get("scores") if isinstance(answer, dict) else None
         if not isinstance(scores, list) or not all(isinstance(s, int | float) for s in scores):

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from harness.geneval_rules import ScoreVariant
 from harness.shapes_world.judge import judge_images
-from harness.types import Prompt, RewardSpec
+from harness.types import Prompt, RewardSpec, check_images
 
 Judgement = Literal["score", "correct", "strict"]
 
@@ -39,5 +39,6 @@ class ShapesGenEval:
         )
 
     def __call__(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        check_images(self.spec.name, images)
         results = judge_images(images, prompts, score_variant=self.score_variant)
         return torch.tensor([float(getattr(r, self.judgement)) for r in results], dtype=torch.float32)

@@ -70,7 +70,7 @@ from harness.checksums import ChecksumError, verify_checksum
 from harness.geneval_rules import ScoreVariant
 from harness.shapes_world.detect import MAX_COLOR_DISTANCE
 from harness.shapes_world.world import BACKGROUND, COLORS, IMAGE_SIZE, SHAPES, validate_shapes_metadata
-from harness.types import Prompt, RewardSpec
+from harness.types import Prompt, RewardSpec, check_images
 from harness.validation import check_at_least, check_non_negative, check_positive
 
 CLASSIFIER_CHECKPOINT = Path(__file__).resolve().parents[1] / "benchmarks" / "shapes" / "assets" / "classifier"
@@ -325,13 +325,12 @@ class ShapesClassifierReward:
         )
 
     def __call__(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor:
+        check_images(self.spec.name, images)  # RewardError: not (B, 3, H, W) floats, NaN, outside [0, 1]
         expected = (3, IMAGE_SIZE, IMAGE_SIZE)
-        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+        if tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}"
             )
-        if not images.is_floating_point():
-            raise ValueError(f"expected float images in [0, 1], got dtype {images.dtype}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         for prompt in prompts:

@@ -27,10 +27,16 @@ from tqdm.auto import tqdm
 
 from benchmarks.shapes.prompts import sample_prompts
 from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, Tokenizer, save_tiny_dit
-from harness.shapes_world.render import render
+from harness.shapes_world.render import add_distractors, draw, layout
 from harness.shapes_world.world import VOCABULARY
+from harness.validation import check_at_least, check_finite, check_non_negative, check_positive, check_unit_interval
 
 log = logging.getLogger(__name__)
+
+BASE_ARCHITECTURE = TinyDiTConfig(vocabulary=VOCABULARY)  # the committed base's network
+# Issue 15's replacement (docs/shapes.md): x-prediction and a full-resolution conv stem/head, trained with
+# PretrainConfig(threads=1); it becomes BASE_ARCHITECTURE when its checkpoint replaces the committed base.
+CANDIDATE_ARCHITECTURE = TinyDiTConfig(vocabulary=VOCABULARY, prediction="x", conv_channels=24)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,15 +51,32 @@ class PretrainConfig:
     cond_dropout: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    distractor_rate: float = 0.0  # mean number of unmentioned objects per training image (Poisson)
+    t_logit_mean: float = 0.0  # training times t = sigmoid(N(mean, std²)) (SD3's logit-normal)
+    t_logit_std: float = 1.0
     seed: int = 0
     threads: int = 2  # fixed so that the CPU result does not depend on the machine's core count
     save_every: int = 0  # also write step-k checkpoints into <out>/step_<k> (0: only the final one)
 
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "steps", "batch_size", "warmup_steps", "threads")
+        check_non_negative(self, "weight_decay", "distractor_rate", "save_every")
+        check_unit_interval(self, "cond_dropout", "ema_decay")
+        check_positive(self, "lr", "grad_clip", "t_logit_std")
+        check_finite(self, "t_logit_mean")
 
-def render_batch(prompts: list[dict], rng: np.random.Generator) -> torch.Tensor:
-    """Ground-truth renders in [−1, 1], (B, 3, H, W)."""
-    images = np.stack([render(md, rng) for md in prompts])
+
+def render_batch(prompts: list[dict], rng: np.random.Generator, distractor_rate: float = 0.0) -> torch.Tensor:
+    """Renders in [−1, 1], (B, 3, H, W): each prompt's scene plus Poisson(``distractor_rate``) unmentioned objects."""
+    images = np.stack([_render(md, rng, distractor_rate) for md in prompts])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _render(metadata: dict, rng: np.random.Generator, distractor_rate: float) -> np.ndarray:
+    objects = layout(metadata, rng)
+    if distractor_rate > 0:
+        objects = add_distractors(objects, int(rng.poisson(distractor_rate)), rng)
+    return draw(objects)
 
 
 def sha256_of(path: Path) -> str:
@@ -65,7 +88,7 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, model_cfg: TinyDiTConfig | None
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model_cfg = model_cfg or TinyDiTConfig(vocabulary=VOCABULARY)
+    model_cfg = model_cfg or BASE_ARCHITECTURE
     model = TinyDiT(model_cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     tokenizer = Tokenizer(model_cfg.vocabulary, model_cfg.max_tokens)
@@ -76,13 +99,14 @@ def pretrain(cfg: PretrainConfig, out_dir: Path, model_cfg: TinyDiTConfig | None
     progress = tqdm(range(1, cfg.steps + 1), desc="pretrain shapes", unit="step")
     for step in progress:
         prompts = sample_prompts(rng, cfg.batch_size)
-        x0 = render_batch(prompts, rng)
+        x0 = render_batch(prompts, rng, cfg.distractor_rate)
         texts = [
             md["prompt"] if keep else ""
             for md, keep in zip(prompts, rng.random(cfg.batch_size) >= cfg.cond_dropout, strict=True)
         ]
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.sigmoid(torch.randn(cfg.batch_size, generator=generator))  # logit-normal(0, 1)
+        z = torch.randn(cfg.batch_size, generator=generator)
+        t = torch.sigmoid(z * cfg.t_logit_std + cfg.t_logit_mean)  # logit-normal
         x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         v = model(x_t, t, model.encode_text(tokenizer(texts)))
         loss = (v - (noise - x0)).pow(2).mean()

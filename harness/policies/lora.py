@@ -9,6 +9,9 @@
   recently used first out beyond a limit; ``""`` (CFG's negative prompt) is never dropped.
 * dtype names, frozen-module placement, the VAE decode ``latents / scaling_factor + shift_factor`` →
   ``[0, 1]`` (``VaeImageProcessor.postprocess``), and the EMA weights of a trainer checkpoint.
+* LoRA files straight from a trainer checkpoint, with no model loaded: :func:`export_checkpoint_lora` (θ or
+  its EMA) and :func:`export_run_loras` (both, as ``lora/`` and ``lora_ema/``: what ``diffrl run`` leaves in
+  every SD3/FLUX cell and ``diffrl export-lora`` writes).
 
 Under FSDP (:mod:`harness.fsdp`) :meth:`LoRAAdapters.fully_shard` shards the transformer per block with
 the base weights and both adapters together; the LoRA tensors read out of it are then gathered full
@@ -19,6 +22,7 @@ Each policy keeps its own prompt encoding, latent layout, timestep scale and sch
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +39,9 @@ from harness.policy import WEIGHT_SETS, WeightSet
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTypeName = Literal["fp32", "fp16", "bf16"]
 TRAIN_ADAPTER, OLD_ADAPTER = "default", "old"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
+# The diffusers pipeline whose save_lora_weights / load_lora_weights a model kind's LoRA files are for.
+PIPELINES: dict[str, str] = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 # (prompts) -> per-prompt tensors, batch first (e.g. token embeddings (B, L, D) and pooled (B, P)).
 PromptEncoder = Callable[[list[str]], tuple[Tensor, ...]]
@@ -311,13 +318,7 @@ class LoRAAdapters:
 
         Without the metadata diffusers' loader would assume α = r and scale the update by 1, not α/r.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        pipeline_cls.save_lora_weights(
-            directory, transformer_lora_layers=self.state_dict(which, tensors),
-            transformer_lora_adapter_metadata=peft_lora_config(self.lora).to_dict(),
-        )  # fmt: skip
-        return directory
+        return save_lora_file(directory, pipeline_cls, self.state_dict(which, tensors), self.lora)
 
     def load(self, directory: str | Path, pipeline_cls: Any, which: Literal["train", "old"] = "train") -> None:
         """Load a file written by :meth:`save` (read with ``pipeline_cls.lora_state_dict``) into θ or old."""
@@ -334,3 +335,94 @@ class LoRAAdapters:
                 f"rank={self.lora.rank}, alpha={self.lora.alpha}; build the policy with the file's values"
             )
         self.load_state_dict(which, {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+
+
+# ---------------------------------------------------------------------------------------- LoRA files
+def save_lora_file(directory: str | Path, pipeline_cls: Any, state: dict[str, Tensor], lora: LoRASettings) -> Path:
+    """``directory/pytorch_lora_weights.safetensors`` by ``pipeline_cls.save_lora_weights``, with the peft config
+    (r, α, targets) in the file's metadata. Written in a folder beside it and moved into place, so a kill never
+    leaves half a file; nothing else in ``directory`` is touched."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        pipeline_cls.save_lora_weights(
+            staging, transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=peft_lora_config(lora).to_dict(),
+        )  # fmt: skip
+        (staging / LORA_FILE).replace(directory / LORA_FILE)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
+
+
+def pipeline_class(kind: str) -> Any:
+    """The diffusers pipeline class of model kind ``kind`` (``sd3``, ``flux``), for its LoRA files."""
+    if kind not in PIPELINES:
+        raise ValueError(f"model kind {kind!r} has no LoRA files; LoRA is trained for {', '.join(PIPELINES)}")
+    import diffusers
+
+    return getattr(diffusers, PIPELINES[kind])
+
+
+def checkpoint_lora_states(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """θ's LoRA and its EMA from a :func:`harness.trainer.train` checkpoint, both with peft's adapter-free keys.
+
+    The checkpoint holds θ as ``weights → train`` (keys in ``trainable_parameters()`` order) and the EMA as
+    ``optim → ema → shadow`` (a list in the same order), so no model is needed to name the EMA tensors.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=False)  # the trainer's own file (numpy RNG state)
+    try:
+        theta: dict[str, Tensor] = payload["weights"]["train"]
+        shadow: list[Tensor] = payload["optim"]["ema"]["shadow"]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{path} is not a harness.trainer checkpoint: it has no weights → train and optim → ema → shadow entries"
+        ) from None
+    if not theta or not all(".lora_A." in k or ".lora_B." in k for k in theta):
+        raise ValueError(
+            f"{path} holds no LoRA weights (a fully fine-tuned model's checkpoint?): keys {list(theta)[:3]}"
+        )
+    if len(shadow) != len(theta) or any(e.shape != t.shape for e, t in zip(shadow, theta.values(), strict=False)):
+        raise ValueError(
+            f"{path}: the EMA weights ({len(shadow)} tensors) do not align with θ's {len(theta)} LoRA tensors"
+        )
+
+    def cpu(values: Sequence[Tensor]) -> dict[str, Tensor]:
+        return {key: value.detach().to("cpu", torch.float32) for key, value in zip(theta, values, strict=True)}
+
+    return cpu(list(theta.values())), cpu(shadow)
+
+
+def check_lora_rank(state: dict[str, Tensor], lora: LoRASettings, where: str) -> None:
+    """``ValueError`` unless every ``lora_A`` of ``state`` has ``lora.rank`` rows (the file would load wrongly)."""
+    ranks = {value.shape[0] for key, value in state.items() if ".lora_A." in key}
+    if ranks != {lora.rank}:
+        raise ValueError(f"{where} holds LoRA of rank {sorted(ranks)}, but its configuration says rank {lora.rank}")
+
+
+def export_checkpoint_lora(
+    checkpoint: str | Path, directory: str | Path, kind: str, lora: LoRASettings, ema: bool = False
+) -> Path:
+    """θ's LoRA (or its EMA, ``ema=True``) of a trainer checkpoint as a diffusers LoRA folder of model ``kind``.
+
+    ``lora``: the policy's LoRA settings (rank, α, targets), which go into the file's metadata so that
+    ``load_lora_weights`` scales the update by α/r. No model is loaded.
+    """
+    theta, averaged = checkpoint_lora_states(checkpoint)
+    check_lora_rank(theta, lora, str(checkpoint))
+    return save_lora_file(directory, pipeline_class(kind), averaged if ema else theta, lora)
+
+
+def export_run_loras(checkpoint: str | Path, folder: str | Path, kind: str, lora: LoRASettings) -> list[Path]:
+    """``folder/lora`` (θ) and ``folder/lora_ema`` (its EMA, the weights evaluation uses) from ``checkpoint``."""
+    theta, averaged = checkpoint_lora_states(checkpoint)
+    check_lora_rank(theta, lora, str(checkpoint))
+    pipeline = pipeline_class(kind)
+    folder = Path(folder)
+    return [
+        save_lora_file(folder / "lora", pipeline, theta, lora),
+        save_lora_file(folder / "lora_ema", pipeline, averaged, lora),
+    ]

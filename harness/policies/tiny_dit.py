@@ -38,6 +38,17 @@ class TinyDiTConfig:
     mlp_ratio: float = 4.0
     text_layers: int = 2
     max_tokens: int = 13  # <bos> + the longest prompt
+    prediction: str = "v"  # what the network outputs: "v" (velocity) or "x" (the clean image; see TinyDiT)
+    min_t: float = 0.05  # x-prediction: v = (x_t − x̂0) / max(t, min_t)
+    conv_channels: int = 0  # > 0: a full-resolution conv stem and head of this width around the DiT (PixelHead)
+
+    def __post_init__(self) -> None:
+        if self.prediction not in ("v", "x"):
+            raise ValueError(f"prediction must be 'v' or 'x', got {self.prediction!r}")
+        if not 0.0 < self.min_t < 1.0:
+            raise ValueError(f"min_t must be in (0, 1), got {self.min_t}")
+        if self.conv_channels < 0:
+            raise ValueError(f"conv_channels must be >= 0, got {self.conv_channels}")
 
 
 class Attention(nn.Module):
@@ -129,6 +140,27 @@ class DiTBlock(nn.Module):
         return x + mod[8] * self.mlp(h)
 
 
+class PixelHead(nn.Module):
+    """Full-resolution 3×3 convolutions around the patch transformer (a one-level U-Net skip).
+
+    The DiT sees 4×4 patches and writes each patch from one token, so shape edges inside a patch and
+    the seams between patches come out blocky; the stem keeps x_t at full resolution and the head
+    mixes it with the unpatchified DiT features. The last conv starts at zero (as adaLN-Zero does).
+    """
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.mix = nn.Conv2d(width, width, 3, padding=1)
+        self.out = nn.Conv2d(width, channels, 3, padding=1)
+        for parameter in self.out.parameters():
+            nn.init.zeros_(parameter)
+
+    def forward(self, features: Tensor, x_t: Tensor) -> Tensor:
+        h = F.gelu(features + self.stem(x_t))
+        return self.out(F.gelu(self.mix(h)))
+
+
 class TinyDiT(nn.Module):
     """v_θ(x_t, t, text) for 3×32×32 images."""
 
@@ -144,10 +176,12 @@ class TinyDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(cfg.hidden, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.hidden, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Linear(cfg.hidden, 2 * cfg.hidden)
-        self.final = nn.Linear(cfg.hidden, cfg.patch_size**2 * cfg.channels)
+        self.out_channels = cfg.conv_channels or cfg.channels
+        self.final = nn.Linear(cfg.hidden, cfg.patch_size**2 * self.out_channels)
         for layer in (self.final_modulation, self.final):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.pixel_head = PixelHead(cfg.channels, cfg.conv_channels) if cfg.conv_channels else None
 
     def encode_text(self, tokens: Tensor) -> Cond:
         text, mask, pooled = self.text(tokens)
@@ -163,8 +197,16 @@ class TinyDiT(nn.Module):
         shift, scale = self.final_modulation(F.silu(c))[:, None].chunk(2, dim=-1)
         h = self.final(self.final_norm(h) * (1 + scale) + shift)  # (B, N, p·p·C)
         side = cfg.image_size // cfg.patch_size
-        h = h.view(b, side, side, cfg.patch_size, cfg.patch_size, cfg.channels)
-        return h.permute(0, 5, 1, 3, 2, 4).reshape(b, cfg.channels, cfg.image_size, cfg.image_size)
+        h = h.view(b, side, side, cfg.patch_size, cfg.patch_size, self.out_channels)
+        out = h.permute(0, 5, 1, 3, 2, 4).reshape(b, self.out_channels, cfg.image_size, cfg.image_size)
+        if self.pixel_head is not None:
+            out = self.pixel_head(out, x_t)
+        if cfg.prediction == "v":
+            return out
+        # x-prediction (Li & He 2025, "Back to Basics", arXiv 2511.13720): a 4×4×3 patch carries
+        # 48 noise values, too many for a 96-wide token to pass through, while the clean image is
+        # simple; predict x̂0 and return the velocity of the straight path through it.
+        return (x_t - out) / t.clamp(min=cfg.min_t)[:, None, None, None]
 
 
 class Tokenizer:

@@ -7,6 +7,11 @@
    size) with the highest IoU against it; that IoU is the detection score. Clean renders score
    1.0; blurry or malformed shapes score lower and so fail GenEval's 0.9 counting threshold
    first, as weak detections do with the real Mask2Former.
+   A component smaller than the world's smallest object (``MIN_SIDE`` px) is a fragment: its score
+   is scaled by ``(side − 3) / (MIN_SIDE − 3)`` (clipped to [0, 1]), so a 4-px blob scores at most
+   0.25 and is not kept at GenEval's 0.3 threshold. Without it a 4×4 block (a sampler's stray
+   patch) is a "perfect square" at 1.0, and clutter of such fragments passed the "at least" rules
+   and even counting's 0.9 threshold — objects Mask2Former would not find with confidence.
 4. The colour label is the component's palette colour (the "colour classifier").
 """
 
@@ -16,11 +21,12 @@ import numpy as np
 from scipy import ndimage
 
 from harness.geneval_rules import Detection
-from harness.shapes_world.render import shape_mask
+from harness.shapes_world.render import COUNTING_SIZE_RANGE, SIZE_RANGE, shape_mask
 from harness.shapes_world.world import BACKGROUND, COLORS, SHAPES
 
 MAX_COLOR_DISTANCE = 90.0
 MIN_AREA = 6
+MIN_SIDE = min(SIZE_RANGE[0], COUNTING_SIZE_RANGE[0])  # 7: the smallest object the renderer draws
 _PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # index 0 = background
 _COLOR_NAMES = ("background", *COLORS)
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -49,6 +55,11 @@ def classify_component(mask: np.ndarray) -> tuple[str, float]:
     return best_shape, best_iou
 
 
+def fragment_factor(side: int) -> float:
+    """Score multiplier of a component whose bounding box's longer side is ``side`` px (1 from ``MIN_SIDE``)."""
+    return min(1.0, max(0.0, (side - 3) / (MIN_SIDE - 3)))
+
+
 def detect(image: np.ndarray) -> dict[str, list[Detection]]:
     """Detect shapes in one (H, W, 3) uint8 image, sorted by descending score per class."""
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
@@ -63,7 +74,8 @@ def detect(image: np.ndarray) -> dict[str, list[Detection]]:
             mask = components[found] == k
             if mask.sum() < MIN_AREA:
                 continue
-            shape, score = classify_component(mask)
+            shape, iou = classify_component(mask)
+            score = iou * fragment_factor(max(mask.shape))
             rows, cols = found
             box = (float(cols.start), float(rows.start), float(cols.stop), float(rows.stop))
             detections.setdefault(shape, []).append(Detection(box, score, _COLOR_NAMES[color_index]))

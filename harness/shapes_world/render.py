@@ -89,6 +89,25 @@ def layout(metadata: Mapping[str, Any], rng: np.random.Generator) -> list[Placed
     raise RuntimeError(f"could not place {metadata['prompt']!r} in {MAX_TRIES} tries")
 
 
+def add_distractors(
+    objects: list[PlacedObject], n: int, rng: np.random.Generator, size_range: tuple[int, int] = SIZE_RANGE
+) -> list[PlacedObject]:
+    """``objects`` plus up to ``n`` random shapes the prompt does not mention, clear of the others.
+
+    Pretraining's model of web captions, which describe only part of a picture; a distractor that
+    finds no free place after ``MAX_TRIES`` draws is dropped.
+    """
+    placed = list(objects)
+    for _ in range(n):
+        for _ in range(MAX_TRIES):
+            box = _random_box(rng, size_range)
+            if _boxes_clear(box, placed):
+                shape, color = SHAPES[int(rng.integers(len(SHAPES)))], list(COLORS)[int(rng.integers(len(COLORS)))]
+                placed.append(PlacedObject(shape, color, box))
+                break
+    return placed
+
+
 def draw(objects: list[PlacedObject]) -> np.ndarray:
     """Paint objects onto the background: (IMAGE_SIZE, IMAGE_SIZE, 3) uint8."""
     image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)

@@ -199,15 +199,22 @@ def score_image_folder(
     class_names: str | Path | Sequence[str] | None = None,
     score_variant: ScoreVariant = "flowgrpo",
     color_classifier: ColorClassifier | None = None,
+    data_dir: str | Path | None = None,
 ) -> Summary:
     """Score every image of a GenEval image folder; write ``out/results.jsonl`` and ``out/summary.json``.
 
-    The folder is checked completely before any model loads. ``out=None`` writes nothing. The other
-    arguments are those of :class:`rewards.geneval_reward.GenEvalReward` (``backend="mmdet"`` is the
-    official detector and needs ``detector_path``).
+    Checked in this order, each before the next is touched: that ``image_dir`` is a folder; the class names
+    (``class_names``, else ``data_dir/geneval/object_names.txt``, else the cached public file, downloaded only
+    when neither exists); the whole folder; then the reward is built and the models load. ``out=None``
+    writes nothing. The other arguments are those of :class:`rewards.geneval_reward.GenEvalReward`
+    (``backend="mmdet"`` is the official detector and needs ``detector_path``).
     """
-    from rewards.geneval_reward import GenEvalReward
+    from rewards.geneval_reward import GenEvalReward, resolve_class_names
 
+    if not Path(image_dir).is_dir():
+        raise FolderError(f"GenEval image folder {image_dir} does not exist or is not a directory")
+    names = resolve_class_names(class_names, data_dir)
+    folders = read_image_folder(Path(image_dir), names)
     reward = GenEvalReward(
         judgement="correct",
         score_variant=score_variant,
@@ -219,10 +226,9 @@ def score_image_folder(
         device=device,
         batch_size=batch_size,
         rgb_as_bgr=rgb_as_bgr,
-        class_names=class_names,
+        class_names=names,
         color_classifier=color_classifier,
     )
-    folders = read_image_folder(Path(image_dir), reward.class_names)
     todo = [(folder, path) for folder in folders for path in folder.images]
     records: list[dict[str, Any]] = []
     for start in range(0, len(todo), batch_size):

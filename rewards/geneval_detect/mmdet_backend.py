@@ -35,9 +35,8 @@ from rewards.geneval_detect.base import ImageDetections, check_image, group_by_c
 MMDET_CONFIG = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py"
 MMDET_CHECKPOINT = "mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth"
 EXTRA_HINT = (
-    "the 'mmdet' extra: `pip install 'setuptools<70' wheel && "
-    "pip install --no-build-isolation mmcv==1.7.2 mmdet==2.28.2` "
-    "(mmcv 1.x builds from source and its setup.py needs pkg_resources, hence no build isolation)"
+    "the 'mmdet' extra: `make mmdet` (it runs `pip install --no-build-isolation mmcv==1.7.2 mmdet==2.28.2` against "
+    "the lock's setuptools, which still has the pkg_resources that mmcv 1.x's setup.py needs; docs/install.md)"
 )
 
 

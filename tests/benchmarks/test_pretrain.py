@@ -2,13 +2,14 @@
 
 import json
 import os
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from benchmarks.shapes.checkpoint import BASE_CHECKPOINT, load_shapes_policy
-from benchmarks.shapes.pretrain import PretrainConfig, pretrain
+from benchmarks.shapes.pretrain import BASE_ARCHITECTURE, PretrainConfig, pretrain
 from harness.checksums import ChecksumError, verify_checksum
 from harness.policies.tiny_dit import TinyDiTConfig
 from harness.shapes_world.world import VOCABULARY
@@ -40,17 +41,38 @@ def test_checksum_is_verified(tmp_path):
         load_shapes_policy(tmp_path / "nowhere")
 
 
+def test_evaluate_curve_scores_every_saved_step(tmp_path):
+    from harness.cli import main
+
+    cfg = PretrainConfig(steps=2, batch_size=4, warmup_steps=1, threads=1, save_every=1)
+    pretrain(cfg, tmp_path / "run", SMALL)
+    assert main(["evaluate", "shapes", "--curve", str(tmp_path / "run"), "--steps", "1", "--out", str(tmp_path)]) == 0
+    rows = (tmp_path / "curve.csv").read_text().splitlines()
+    assert rows[0].startswith("step,cfg,overall") and rows[0].endswith("extra_objects")
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
+    assert (tmp_path / "curve.png").is_file()
+
+
 def test_committed_base_matches_its_checksum_and_config():
     verify_checksum(BASE_CHECKPOINT)
     meta = json.loads((BASE_CHECKPOINT / "config.json").read_text())
     recipe = {k: v for k, v in PretrainConfig().__dict__.items() if k != "save_every"}
     assert meta["pretrain"] == recipe  # `diffrl pretrain shapes` with its defaults reproduces it
     assert tuple(meta["architecture"]["vocabulary"]) == VOCABULARY
+    assert meta["architecture"] == {**asdict(BASE_ARCHITECTURE), "vocabulary": list(VOCABULARY)}
+
+
+def test_distractors_change_the_training_scenes(tmp_path):
+    plain = PretrainConfig(steps=2, batch_size=8, warmup_steps=2, threads=1)
+    a = load_file(pretrain(plain, tmp_path / "a", SMALL) / "model.safetensors")
+    b = load_file(pretrain(replace(plain, distractor_rate=2.0), tmp_path / "b", SMALL) / "model.safetensors")
+    assert not all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not os.environ.get("DIFFRL_REPRODUCE"), reason="full pretraining (~10 min on 2 cores): set DIFFRL_REPRODUCE=1"
+    not os.environ.get("DIFFRL_REPRODUCE"),
+    reason="full pretraining (minutes to an hour on the CPU): set DIFFRL_REPRODUCE=1",
 )
 def test_pretraining_reproduces_the_committed_base(tmp_path):
     out = pretrain(PretrainConfig(), tmp_path / "base")

@@ -2,10 +2,12 @@
 
 import numpy as np
 import pytest
+import torch
 
-from harness.geneval_rules import TASKS, MetadataError, evaluate_detections
+from benchmarks.shapes.benchmark import ShapesBenchmark
+from harness.geneval_rules import TASKS, GenEvalRules, MetadataError, evaluate_detections, surplus_detections
 from harness.shapes_world.detect import detect
-from harness.shapes_world.render import layout, render
+from harness.shapes_world.render import add_distractors, draw, layout, render
 from harness.shapes_world.world import COLORS, SHAPES, all_prompts, make_metadata, parse_prompt, prompt_text
 
 
@@ -52,8 +54,6 @@ def test_detector_recovers_every_rendered_object():
     for tag in TASKS:
         for metadata in all_prompts(tag)[:24]:
             objects = layout(metadata, rng)
-            from harness.shapes_world.render import draw
-
             detections = detect(draw(objects))
             found = sorted((d.box, cls, d.color, d.score) for cls, dets in detections.items() for d in dets)
             expected = sorted((tuple(float(v) for v in o.box), o.shape, o.color, 1.0) for o in objects)
@@ -86,3 +86,38 @@ def test_detector_scores_malformed_shapes_lower():
 def test_detector_rejects_wrong_input():
     with pytest.raises(ValueError, match="uint8"):
         detect(np.zeros((32, 32, 3), dtype=np.float32))
+
+
+def test_fragments_smaller_than_any_object_are_not_kept():
+    image = np.zeros((32, 32, 3), dtype=np.uint8)
+    image[2:6, 2:6] = COLORS["red"]  # a 4x4 block: a sampler's stray patch, a "perfect square"
+    image[20:27, 20:27] = COLORS["blue"]  # the smallest square the renderer draws
+    detections = detect(image)["square"]
+    scores = {d.color: d.score for d in detections}
+    assert scores["blue"] == 1.0 and scores["red"] < GenEvalRules().threshold
+
+
+def test_extra_objects_count_surplus_detections():
+    rng = np.random.default_rng(2)
+    benchmark = ShapesBenchmark(prompts_per_task=2, images_per_prompt=1)
+    prompts = benchmark.eval_prompts()
+    clean = [draw(layout(p.metadata, rng)) for p in prompts]
+    cluttered = [draw(add_distractors(layout(p.metadata, rng), 2, rng)) for p in prompts]
+
+    def as_tensor(images):
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+    scores = benchmark.evaluate(as_tensor(clean), prompts)
+    assert scores["extra_objects"] == 0.0
+    assert all(scores[tag] == 1.0 for tag in TASKS) and scores["strict_overall"] == 1.0
+    assert benchmark.evaluate(as_tensor(cluttered), prompts)["extra_objects"] > 0
+
+
+def test_distractors_are_clear_of_the_scene():
+    rng = np.random.default_rng(3)
+    metadata = all_prompts("two_object")[0]
+    objects = add_distractors(layout(metadata, rng), 3, rng)
+    assert len(objects) == 5
+    detections = detect(draw(objects))
+    assert sum(len(d) for d in detections.values()) == 5
+    assert surplus_detections(metadata, detections) == 3

@@ -15,6 +15,7 @@ import torch
 
 from benchmarks.shapes.benchmark import ShapesBenchmark
 from harness.advantages import group_advantages, zero_std_groups
+from harness.bench.sd3_check import Brightness
 from harness.compute import CountingPolicy, Ledger
 from harness.distributed import from_environment
 from harness.evaluate import EvalSettings, evaluate_policy
@@ -28,7 +29,6 @@ from methods.base import Rollout
 from methods.diffusion_nft import optimality_probability
 from methods.raft import top_k_mask
 from methods.rwr import group_softmax_weights
-from rewards.shapes import ShapesGenEval
 from tests.conftest import make_tiny_policy
 
 # One iteration's batch: 3 prompts x 4 images; with 2 processes, prompt 1's images sit on both.
@@ -79,7 +79,8 @@ def end_to_end(processes, name: str) -> dict[str, object]:
     cfg = METHODS.get(name).Config(**END_TO_END[name])
     loop = LoopConfig(iterations=2, prompts_per_iteration=2, images_per_prompt=4, eval=EvalSettings(num_steps=2))
     bench = ShapesBenchmark(prompts_per_task=1, images_per_prompt=1)
-    result = train(METHODS.get(name), cfg, policy, bench, ShapesGenEval(), loop, OptimConfig(lr=1e-3), progress=False,
+    # A reward with signal on a random model's images (the shapes judge finds nothing there to score).
+    result = train(METHODS.get(name), cfg, policy, bench, Brightness(), loop, OptimConfig(lr=1e-3), progress=False,
                    processes=processes)  # fmt: skip
     weights = torch.cat([p.detach().flatten() for p in policy.trainable_parameters()])
     return {

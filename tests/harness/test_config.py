@@ -101,7 +101,11 @@ def test_a_configs_own_check_names_the_full_path_and_the_value_as_given():
         (LoopConfig, {"iterations": 0}, "iterations must be an integer >= 1, got 0"),
         (LoopConfig, {"images_per_prompt": 0}, "images_per_prompt must be an integer >= 1, got 0"),
         (LoopConfig, {"seed": -1}, "seed must be an integer >= 0, got -1"),
-        (LoopConfig, {"eval_sampler": "heun"}, "eval_sampler must be one of euler, dpm2, flow_sde, cps, got 'heun'"),
+        (
+            LoopConfig,
+            {"eval_sampler": "heun"},
+            "eval_sampler must be one of euler, dpm2, flow_sde, cps, dance_sde, got 'heun'",
+        ),
         (EvalSettings, {"num_steps": 0}, "num_steps must be an integer >= 1, got 0"),
         (EvalSettings, {"guidance_scale": 0.5}, "guidance_scale must be a finite number >= 1 (1: no guidance)"),
         (EvalSettings, {"shift": float("nan")}, "shift must be a finite number > 0, got nan"),

@@ -103,3 +103,39 @@ def test_cli_train_is_a_one_variant_suite(capsys, no_model_loads, tmp_path):
     }
     (tmp_path / "train.yaml").write_text(text)
     assert main(["run", str(tmp_path / "train.yaml"), "--check"]) == 0
+
+
+def test_per_prompt_scores_add_up_to_the_benchmark_scores():
+    import numpy as np
+
+    from harness.evaluate import PromptScores, prompt_scores_frame
+    from harness.statistics import prompt_metric
+
+    policy = load_shapes_policy()
+    benchmark = ShapesBenchmark(prompts_per_task=3, images_per_prompt=2)
+    output = evaluate_policy(policy, benchmark, make_sampler("euler"), EvalSettings(num_steps=4), progress=False)
+    per_prompt = output.per_prompt
+    assert per_prompt is not None and len(per_prompt.tags) == 18 and per_prompt.tags[::3] == tuple(TASKS)
+    for metric, value in output.scores.items():
+        assert float(prompt_metric(np.array(per_prompt.scores[metric]), per_prompt.tags)) == pytest.approx(value)
+    assert np.isnan(per_prompt.scores["counting"][0])  # a single_object prompt has no counting score
+    record = json.loads(json.dumps(per_prompt.to_json()))  # JSON round trip: NaN as null
+    assert PromptScores.from_json(record).tags == per_prompt.tags
+    frame = prompt_scores_frame([{"variant": "v", "seed": 0, "iteration": 0, "eval_point": 0, **record}])
+    assert len(frame) == 18 and list(frame.columns[:6]) == [
+        "variant",
+        "seed",
+        "iteration",
+        "eval_point",
+        "prompt",
+        "tag",
+    ]
+
+
+def test_shapes_eval_set_size_is_an_option():
+    from harness.config import ConfigError, call_checked
+
+    sized = call_checked(ShapesBenchmark, {"prompts_per_task": 32, "images_per_prompt": 8}, "suite.benchmark.options")
+    assert len(sized.eval_prompts()) * sized.images_per_prompt == 6 * 32 * 8
+    with pytest.raises(ConfigError, match="prompts_per_task = 0: prompts_per_task must be an integer >= 1"):
+        call_checked(ShapesBenchmark, {"prompts_per_task": 0}, "suite.benchmark.options")

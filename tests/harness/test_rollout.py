@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness.rollout import Window, rollout
-from harness.samplers import CPS, DPMSolverPP2M, EulerODE, FlowSDE, flow_schedule
+from harness.samplers import CPS, DPMSolverPP2M, EulerODE, FlowSDE, History, flow_schedule
 
 
 def test_a_window_is_the_sde_inside_and_the_euler_ode_outside(tiny_policy):
@@ -25,9 +25,40 @@ def test_a_window_is_the_sde_inside_and_the_euler_ode_outside(tiny_policy):
     assert torch.equal(windowed.x0, tail.x0)
 
 
+def test_a_window_with_another_solver_after_it(tiny_policy):
+    """MixGRPO-Flash: Euler before the window, the SDE inside, DPM-Solver++(2M) after it (with the window's history)."""
+    cond = tiny_policy.encode(["a red circle", "two blue squares"])
+    noise = torch.randn(2, *tiny_policy.sample_shape, generator=torch.Generator().manual_seed(0))
+    schedule = flow_schedule(7)
+    window = Window(2, 2, outside=EulerODE(), after=DPMSolverPP2M())
+    assert [type(window.sampler_at(k, FlowSDE(0.7))).__name__ for k in range(7)] == (
+        ["EulerODE"] * 2 + ["FlowSDE"] * 2 + ["DPMSolverPP2M"] * 3
+    )
+    got = rollout(tiny_policy, FlowSDE(0.7), cond, noise, schedule, generator=torch.Generator().manual_seed(1),
+                  keep_trajectory=True, window=window)  # fmt: skip
+    head = rollout(tiny_policy, EulerODE(), cond, noise, schedule[:3])
+    sde = rollout(tiny_policy, FlowSDE(0.7), cond, head.x0, schedule[2:5], generator=torch.Generator().manual_seed(1),
+                  keep_trajectory=True)  # fmt: skip
+    assert torch.equal(got.latents, sde.latents) and torch.equal(got.log_probs, sde.log_probs)
+    # After the window: DPM-Solver++(2M) steps, the first one second order with the last window step's x̂0.
+    x, history, dpm = sde.x0, None, DPMSolverPP2M()
+    with torch.no_grad():
+        t_prev = schedule[3]
+        history = History(sde.latents[:, -2] - t_prev * tiny_policy.velocity(sde.latents[:, -2], t_prev.expand(2), cond),
+                          t_prev)  # fmt: skip
+        for k in range(4, 7):
+            v = tiny_policy.velocity(x, schedule[k].expand(2), cond)
+            step = dpm.step(v, x, schedule[k], schedule[k + 1], history=history)
+            history, x = History(step.x0_pred, schedule[k]), step.x_next
+    assert torch.allclose(got.x0, x, atol=1e-6)
+    assert not torch.allclose(got.x0, rollout(tiny_policy, EulerODE(), cond, sde.x0, schedule[4:]).x0, atol=1e-4)
+
+
 def test_window_checks():
     with pytest.raises(ValueError, match="size >= 1"):
         Window(0, 0)
     with pytest.raises(ValueError, match="deterministic"):
         Window(0, 1, outside=CPS(0.5))
+    with pytest.raises(ValueError, match="after a window must be deterministic"):
+        Window(0, 1, after=FlowSDE(0.5))
     assert 2 in Window(1, 2) and 3 not in Window(1, 2) and isinstance(Window(0, 1, DPMSolverPP2M()), Window)

@@ -125,6 +125,29 @@ def test_a_failed_cell_is_recorded_and_resumes_to_the_same_table(uninterrupted, 
     iterations = [json.loads(line)["iteration"] for line in (tmp_path / "cells/nft/seed0/iterations.jsonl").open()]
     assert iterations == [1, 2, 3, 4]
     pd.testing.assert_frame_equal(numbers(read_results(tmp_path)), numbers(read_results(uninterrupted)))
+    pd.testing.assert_frame_equal(prompt_rows(tmp_path), prompt_rows(uninterrupted))  # per-prompt scores too
+
+
+def prompt_rows(out: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(out / "eval_prompts.parquet")
+    return frame.sort_values(["variant", "seed", "iteration", "prompt"]).reset_index(drop=True)
+
+
+def test_each_evaluation_keeps_its_per_prompt_scores(uninterrupted):
+    from harness.statistics import prompt_metric
+
+    df, prompts = read_results(uninterrupted), prompt_rows(uninterrupted)
+    assert len(prompts) == len(df) * 6  # 6 eval prompts (1 per task) per evaluation, the reused base one included
+    for row in df.itertuples(index=False):
+        own = prompts[
+            (prompts.variant == row.variant) & (prompts.seed == row.seed) & (prompts.iteration == row.iteration)
+        ]
+        assert float(prompt_metric(own["eval/overall"].to_numpy(), list(own["tag"]))) == pytest.approx(
+            row[df.columns.get_loc("eval/overall")]
+        )
+    assert len(json.loads((uninterrupted / "base_eval_prompts.json").read_text())) == 2  # one per eval protocol
+    cell = [json.loads(line) for line in (uninterrupted / "cells/grpo/seed1/eval_prompts.jsonl").open()]
+    assert [r["iteration"] for r in cell] == [0, 2, 4] and len(cell[0]["tags"]) == 6
 
 
 def test_finished_cells_are_never_rerun(uninterrupted, monkeypatch):
@@ -203,7 +226,10 @@ def test_the_report_shows_curves_tables_samples_config_and_provenance(uninterrup
     for name in ("overall_vs_iteration.png", "overall_vs_iteration.pdf", "metrics_vs_iteration.png", "table.md",
                  "table.tex", "samples.png", "samples/base_cfg1.png", "samples/nft_seed0_point2.png"):  # fmt: skip
         assert (uninterrupted / name).is_file(), name
-    assert "| grpo | 2 |" in (uninterrupted / "table.md").read_text()
+    table = (uninterrupted / "table.md").read_text()
+    assert "| grpo | 2 |" in table and "∞" not in table and "bootstrap over the 6 eval prompts" in table
+    assert f"Table: `diffrl table {uninterrupted} --metric eval/overall --unit iteration --reference grpo" in text
+    assert "speedup_overall_iteration.png" in text and (uninterrupted / "speedup_overall_iteration.pdf").is_file()
 
 
 def test_trackers_log_each_cell_through_accelerate(tmp_path):

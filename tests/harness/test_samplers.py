@@ -1,11 +1,14 @@
 """Samplers against a Gaussian data distribution whose velocity is known in closed form."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from harness.samplers import (
     CPS,
     SAMPLERS,
+    DanceSDE,
     DPMSolverPP2M,
     EulerODE,
     FlowSDE,
@@ -88,7 +91,7 @@ def test_flow_sde_log_prob_is_the_gaussian_density():
 def test_samplers_draw_no_randomness():
     x, v = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     state = torch.get_rng_state()
-    for sampler in (EulerODE(), DPMSolverPP2M(), FlowSDE(0.7), CPS(0.8)):
+    for sampler in (EulerODE(), DPMSolverPP2M(), FlowSDE(0.7), CPS(0.8), DanceSDE(0.3)):
         step = sampler.step(v, x, 0.5, 0.4)
         assert torch.equal(step.x_next, step.mean)  # no noise given: the mean (a replay)
     assert torch.equal(torch.get_rng_state(), state)
@@ -124,11 +127,12 @@ def test_cps_at_zero_noise_is_ddim_and_logprob_convention():
 
 
 def test_make_sampler_errors():
-    with pytest.raises(KeyError, match="allowed: euler, dpm2, flow_sde, cps"):
+    with pytest.raises(KeyError, match="allowed: euler, dpm2, flow_sde, cps, dance_sde"):
         make_sampler("ddpm")
     with pytest.raises(ValueError, match="deterministic"):
         make_sampler("euler", noise_level=0.5)
     assert make_sampler("flow_sde", 0.5).noise_level == 0.5
+    assert make_sampler("dance_sde", 0.3).noise_level == 0.3 and make_sampler("dance_sde").noise_level == 0.3
 
 
 def test_flow_schedule_shift():
@@ -155,3 +159,43 @@ def test_every_sampler_keeps_the_one_step_contract(name):
             assert torch.equal(step.x_next, step.mean) and not step.std.any()
             with pytest.raises(TypeError, match="deterministic"):
                 sampler.log_prob(step.x_next, step)
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "methods" / "fixtures"
+
+
+def test_dance_sde_matches_the_official_flux_step():
+    """Fixture: DanceGRPO's ``flux_step(sde_solver=True)`` run on fixed inputs (mean, x̂0, log-prob)."""
+    fixture = torch.load(FIXTURES / "dance_sde_official.pt")
+    sigmas = fixture["sigmas"]
+    for case in fixture["cases"]:
+        k, sde = case["index"], DanceSDE(case["eta"])
+        step = sde.step(case["model_output"], case["latents"], sigmas[k], sigmas[k + 1])
+        assert torch.allclose(step.mean, case["mean"], atol=1e-6), k
+        assert torch.allclose(step.x0_pred, case["x0_pred"], atol=1e-6), k
+        assert torch.allclose(sde.log_prob(case["prev_sample"], step), case["log_prob"], atol=1e-5), k
+        assert torch.allclose(step.std.flatten(), case["eta"] * (sigmas[k] - sigmas[k + 1]).sqrt().expand(2))
+
+
+def test_dance_sde_log_prob_zero_noise_and_sigma():
+    x, v = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4)
+    for t, t_next in [(1.0, 0.9), (0.6, 0.5), (0.1, 0.0)]:
+        zero = DanceSDE(0.0).step(v, x, t, t_next, noise=torch.randn_like(x))
+        assert torch.allclose(zero.x_next, EulerODE().step(v, x, t, t_next).x_next, atol=1e-6)
+    sde = DanceSDE(0.3)
+    step = sde.step(v, x, 0.6, 0.5, noise=torch.randn_like(x))
+    normal = torch.distributions.Normal(step.mean, step.std.expand_as(step.mean))
+    assert torch.allclose(sde.log_prob(step.x_next, step), normal.log_prob(step.x_next).mean(dim=(1, 2, 3)), atol=1e-5)
+    assert torch.allclose(step.sigma, torch.full((3, 1, 1, 1), 0.3))  # η: the std without sqrt(−dt)
+
+
+def test_dance_sde_keeps_the_marginals_of_the_flow():
+    """The paper's SDE: with the exact velocity (so the exact score, by Tweedie) the SDE has the ODE's marginals."""
+    noise = torch.randn(4096, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    draws = torch.Generator().manual_seed(1)
+    ts, x, sde = flow_schedule(400), noise, DanceSDE(0.8)
+    for k in range(400):
+        v = exact_velocity(x, ts[k].expand(x.shape[0]))
+        x = sde.step(v, x, ts[k], ts[k + 1], noise=torch.randn(x.shape, generator=draws)).x_next
+    assert x.mean().item() == pytest.approx(MU, abs=0.03) and x.std().item() == pytest.approx(S, abs=0.03)
+    assert not torch.allclose(x, integrate(EulerODE(), noise, 400), atol=1e-2)  # a different path, same marginal

@@ -1,9 +1,11 @@
 """The tiny DiT policy: save/load, the three weight sets, soft update, CFG."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from harness.policies.tiny_dit import TinyDiTPolicy, load_tiny_dit, save_tiny_dit
+from harness.policies.tiny_dit import TinyDiT, TinyDiTPolicy, load_tiny_dit, save_tiny_dit
 from harness.policy import guided_velocity
 from tests.conftest import make_tiny_policy
 
@@ -92,3 +94,19 @@ def test_tokenizer_rejects_unknown_words():
     policy = make_policy()
     with pytest.raises(ValueError, match="'teal'"):
         policy.encode(["a teal circle"])
+
+
+def test_x_prediction_returns_the_velocity_through_its_clean_estimate():
+    policy = make_tiny_policy(0, depth=2)
+    cfg = dataclasses.replace(policy.model.cfg, prediction="x")
+    model = TinyDiT(cfg)
+    model.load_state_dict(policy.model.state_dict())
+    x, t, cond = inputs(policy)
+    with torch.no_grad():
+        x0_hat = x - t.clamp(min=cfg.min_t)[:, None, None, None] * model(x, t, cond)
+        raw = dataclasses.replace(cfg, prediction="v")
+        network = TinyDiT(raw)
+        network.load_state_dict(model.state_dict())
+        assert torch.allclose(x0_hat, network(x, t, cond), atol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        dataclasses.replace(cfg, prediction="eps")

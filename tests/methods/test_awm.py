@@ -123,3 +123,14 @@ def test_chunk_draws_are_lazy_and_repeatable_and_the_fraction_is_checked(tiny_po
 
 def test_off_policy_samples_with_the_ema(tiny_policy):
     loop_smoke("awm", AWMConfig(num_steps=4, train_timesteps=2, off_policy=True, clip_range=1e-5), tiny_policy)
+
+
+def test_defaults_follow_the_latest_official_geneval_config():
+    """Official ``dgx_awm.py`` @ be51372: GenEval β = 0.001 (was 0.003), evaluation EMA decay 0.99 (interval 1)."""
+    from harness.optim import method_ema_settings
+
+    cfg = AWMConfig()
+    assert cfg.kl_coef == 0.001 and cfg.eval_ema_decay == 0.99 and cfg.ema_interval == 1
+    assert method_ema_settings(cfg) == {"ema_interval": 1, "ema_max_decay": 0.99}
+    with pytest.raises(ValueError, match="eval_ema_decay"):
+        AWMConfig(eval_ema_decay=1.0)

@@ -5,7 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from methods.diffusion_nft import POSITIVE_ONLY, DiffusionNFTConfig, nft_loss, optimality_probability, soft_update_eta
+from methods.diffusion_nft import (
+    POSITIVE_ADVANTAGES_ONLY,
+    POSITIVE_BRANCH_ONLY,
+    DiffusionNFTConfig,
+    mode_advantages,
+    nft_loss,
+    optimality_probability,
+    soft_update_eta,
+)
 from tests.methods.forward_smoke import loop_smoke
 
 
@@ -177,10 +185,40 @@ def test_positive_only_never_pushes_away_from_a_sample():
         assert torch.sign(descent).tolist() == signs, negative_branch
 
 
-def test_positive_only_preset_and_defaults():
-    assert DiffusionNFTConfig().negative_branch is True
-    assert DiffusionNFTConfig(negative_branch=False) == POSITIVE_ONLY
+def test_positive_only_presets_and_defaults():
+    assert DiffusionNFTConfig().negative_branch is True and DiffusionNFTConfig().adv_mode == "all"
+    assert DiffusionNFTConfig(negative_branch=False) == POSITIVE_BRANCH_ONLY  # the paper's ablation
+    assert DiffusionNFTConfig(adv_mode="positive_only") == POSITIVE_ADVANTAGES_ONLY  # the official code's option
+    assert POSITIVE_ADVANTAGES_ONLY.negative_branch is True and POSITIVE_BRANCH_ONLY.adv_mode == "all"
 
 
-def test_positive_only_two_iterations_through_the_loop(tiny_policy):
-    loop_smoke("diffusion_nft", dataclasses.replace(POSITIVE_ONLY, num_steps=3), tiny_policy)
+def test_official_adv_modes_hand_computed():
+    """``train_nft_sd3.py``'s ``adv_mode`` on clipped advantages (A_max = 5), then r = 0.5 + A/(2·A_max)."""
+    a = torch.tensor([-5.0, -1.0, 0.0, 2.0, 5.0])
+    assert mode_advantages(a, "all", 5.0).tolist() == a.tolist()
+    assert mode_advantages(a, "positive_only", 5.0).tolist() == [0.0, 0.0, 0.0, 2.0, 5.0]
+    assert mode_advantages(a, "negative_only", 5.0).tolist() == [-5.0, -1.0, 0.0, 0.0, 0.0]
+    assert mode_advantages(a, "one_only", 5.0).tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert mode_advantages(a, "binary", 5.0).tolist() == [-1.0, -1.0, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="adv_mode"):
+        mode_advantages(a, "none", 5.0)  # type: ignore[arg-type]
+    # positive_only: r ∈ [0.5, 1], both branches kept: r = 0.5 for a below-mean sample (not a push away, not 0).
+    rewards, groups = torch.tensor([0.0, 1.0, 0.2, 0.6]), torch.tensor([0, 0, 1, 1])
+    r = optimality_probability(rewards, groups, 5.0, "global", "positive_only")
+    full = optimality_probability(rewards, groups, 5.0, "global")
+    assert r[[0, 2]].tolist() == [0.5, 0.5] and torch.equal(r[[1, 3]], full[[1, 3]]) and (full[[0, 2]] < 0.5).all()
+
+
+def test_the_two_positive_only_variants_differ_hand_computed():
+    """At r = 0.5 (a clamped negative advantage) the official variant keeps ½·L⁺ + ½·L⁻; the paper's keeps ½·L⁺."""
+    v_theta, v_old, v_ref, x0, x_t, t, _ = hand_case()
+    half = torch.tensor([0.5])
+    both = nft_loss(v_theta, v_old, v_ref, x0, x_t, t, half, beta=0.5, kl_coef=0.0).item()
+    positive = nft_loss(v_theta, v_old, v_ref, x0, x_t, t, half, beta=0.5, kl_coef=0.0, negative_branch=False).item()
+    # L⁺ = 0.5 and L⁻ = 5/6 (test_positive_only_drops_the_negative_term_hand_computed's case), × A_max/β = 10.
+    assert both == pytest.approx(10 * (0.25 + 0.5 * 5 / 6)) and positive == pytest.approx(10 * 0.25)
+
+
+@pytest.mark.parametrize("preset", [POSITIVE_BRANCH_ONLY, POSITIVE_ADVANTAGES_ONLY], ids=["branch", "advantages"])
+def test_positive_only_two_iterations_through_the_loop(tiny_policy, preset):
+    loop_smoke("diffusion_nft", dataclasses.replace(preset, num_steps=3), tiny_policy)

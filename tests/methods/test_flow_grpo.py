@@ -1,4 +1,7 @@
-"""FlowGRPO's pure functions, the on-policy ratio, dropped groups and the meter's counts."""
+"""FlowGRPO's pure functions, the official sample filter, the on-policy ratio and the meter's counts."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +11,9 @@ from harness.optim import OptimConfig, Optimization
 from harness.samplers import FlowSDE
 from harness.shapes_world.world import make_metadata
 from harness.types import Prompt
-from methods.flow_grpo import FlowGRPO, FlowGRPOConfig, gaussian_kl_mean, grpo_loss
+from methods.flow_grpo import FlowGRPO, FlowGRPOConfig, gaussian_kl_mean, grpo_loss, zero_advantage_filter
+
+FIXTURE = Path(__file__).parent / "fixtures" / "flow_grpo_filter_ema_official.json"
 
 
 def test_flow_sde_step_has_the_official_semantics():
@@ -72,7 +77,9 @@ def make(tiny_policy, **overrides):
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 4.5])
 def test_first_ratio_is_one_on_policy_and_the_meter_counts(tiny_policy, cfg_scale):
-    method, ledger = make(tiny_policy, check_on_policy=True, rollout_cfg=cfg_scale, train_cfg=cfg_scale)
+    # One optimizer step, so that every ratio is 1 (the second of the official two steps moves θ).
+    method, ledger = make(tiny_policy, check_on_policy=True, rollout_cfg=cfg_scale, train_cfg=cfg_scale,
+                          optimizer_steps_per_iteration=1)  # fmt: skip
     expanded, groups = prompts(2, 3)
     with ledger.phase("sampling"):
         rollout = method.collect(expanded, groups, torch.Generator().manual_seed(0))
@@ -97,16 +104,56 @@ def test_first_ratio_is_one_on_policy_and_the_meter_counts(tiny_policy, cfg_scal
     assert logs["train/zero_std_ratio"] == 0.0 and logs["train/approx_kl"] < 1e-10
 
 
-def test_all_equal_groups_are_dropped(tiny_policy):
-    method, ledger = make(tiny_policy, rollout_cfg=1.0, train_cfg=1.0, kl_coef=0.0)
+def test_zero_advantage_filter_matches_the_official_code():
+    """Fixture: the official mask code (``train_sd3.py``; ``train_sd3_fast.py`` also refills an empty mask) run with
+    ``torch.manual_seed(seed)``; the same draw here comes from a generator seeded alike."""
+    for case in json.loads(FIXTURE.read_text())["sample_filter"]:
+        got = zero_advantage_filter(torch.tensor(case["advantages"]), case["multiple"],
+                                    torch.Generator().manual_seed(case["seed"]),
+                                    refill_empty=case["version"] == "train_sd3_fast")  # fmt: skip
+        assert got.tolist() == case["mask"], (case["version"], case["case"], case["seed"])
+
+
+def test_zero_advantage_filter_hand_computed():
+    adv = torch.tensor([0.5, 0.0, -1.0, 0.0, 2.0])
+    # 3 non-zero, multiple 4: one of the two zero-advantage samples is turned back on.
+    mask = zero_advantage_filter(adv, 4, torch.Generator().manual_seed(0))
+    assert mask[[0, 2, 4]].all() and int(mask.sum()) == 4
+    assert zero_advantage_filter(adv, 3, torch.Generator()).tolist() == [True, False, True, False, True]
+    assert zero_advantage_filter(adv, 8, torch.Generator()).sum() == 3  # too few dropped to reach 8: none back
+    assert not zero_advantage_filter(torch.zeros(4), 4, torch.Generator()).any()  # train_sd3.py: none kept
+    assert zero_advantage_filter(torch.zeros(4), 4, torch.Generator(), refill_empty=True).all()  # the Fast script's
+    with pytest.raises(ValueError, match="multiple"):
+        zero_advantage_filter(adv, 0, torch.Generator())
+
+
+def test_defaults_are_the_official_geneval_config():
+    cfg = FlowGRPOConfig()
+    assert cfg.sample_filter == "zero_advantage" and cfg.filter_multiple == 4
+    assert cfg.optimizer_steps_per_iteration == 2 and cfg.ema_interval == 8 and cfg.ema_updates_per_step == 2
+
+
+@pytest.mark.parametrize(("rule", "trained"), [("zero_advantage", 4), ("zero_std_groups", 3)])
+def test_tied_samples_are_dropped(tiny_policy, rule, trained):
+    method, ledger = make(tiny_policy, rollout_cfg=1.0, train_cfg=1.0, kl_coef=0.0, sample_filter=rule)
     expanded, groups = prompts(2, 3)
     rollout = method.collect(expanded, groups, torch.Generator().manual_seed(0))
     with ledger.phase("training"):
         logs = method.update(rollout, torch.tensor([1.0, 1.0, 1.0, 0.2, 0.5, 0.9]), torch.Generator())
-    assert logs["train/zero_std_ratio"] == 0.5
-    assert ledger.forward["training"] == 3 * 2  # only the informative group trains (no ref: kl_coef 0)
+    assert logs["train/zero_std_ratio"] == 0.5 and logs["train/kept_fraction"] == pytest.approx(trained / 6)
+    # zero_advantage: the 3 informative samples plus one tied sample refilled (4 = filter_multiple); no ref pass.
+    assert ledger.forward["training"] == trained * 2
     logs = method.update(rollout, torch.ones(6), torch.Generator())
-    assert logs["train/skipped"] == 1.0 and method.optim.global_step == 1
+    assert logs["train/skipped"] == 1.0 and method.optim.global_step == 2  # 2 steps in the first update only
+
+
+def test_a_sample_at_its_group_mean_is_dropped_by_the_official_filter(tiny_policy):
+    method, ledger = make(tiny_policy, rollout_cfg=1.0, train_cfg=1.0, kl_coef=0.0, filter_multiple=1)
+    expanded, groups = prompts(2, 3)
+    rollout = method.collect(expanded, groups, torch.Generator().manual_seed(0))
+    with ledger.phase("training"):  # 0.5 is its group's mean: advantage exactly 0
+        logs = method.update(rollout, torch.tensor([0.25, 0.5, 0.75, 0.0, 1.0, 0.5]), torch.Generator())
+    assert logs["train/kept_fraction"] == pytest.approx(4 / 6) and ledger.forward["training"] == 4 * 2
 
 
 def test_mismatched_cfg_warns_and_cannot_be_checked_on_policy(tiny_policy, caplog):

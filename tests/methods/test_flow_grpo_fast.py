@@ -84,7 +84,9 @@ def test_ode_outside_the_window_and_only_the_window_is_stored(tiny_policy, prese
 
 @pytest.mark.parametrize("preset", [NOCFG_RECIPE, WITH_CFG], ids=["nocfg", "with_cfg"])
 def test_update_is_on_policy_and_trains_only_the_window(tiny_policy, preset):
-    cfg = dataclasses.replace(preset, num_steps=6, sde_window_size=2, sde_window_range=(0, 4))
+    # One optimizer step, so that every ratio is 1 (the second of the official two steps moves θ).
+    cfg = dataclasses.replace(preset, num_steps=6, sde_window_size=2, sde_window_range=(0, 4),
+                              optimizer_steps_per_iteration=1)  # fmt: skip
     method, ledger = counted(FlowGRPOFast, cfg, tiny_policy)
     prompts, groups = group_prompts(2, 3)
     out = method.collect(prompts, groups, torch.Generator().manual_seed(0))
@@ -98,19 +100,28 @@ def test_update_is_on_policy_and_trains_only_the_window(tiny_policy, preset):
     assert logs["train/zero_std_ratio"] == 0.0 and "train/grad_norm" in logs
 
 
-def test_all_equal_groups_are_skipped(tiny_policy):
-    method, ledger = counted(FlowGRPOFast, FlowGRPOFastConfig(num_steps=6, sde_window_range=(0, 4)), tiny_policy)
+def test_all_equal_rewards_refill_as_the_fast_script_or_skip_with_the_group_rule(tiny_policy):
+    """``train_sd3_fast.py`` refills an empty mask to ``filter_multiple`` samples (they train with A = 0)."""
+    cfg = FlowGRPOFastConfig(num_steps=6, sde_window_range=(0, 4))
+    assert cfg == dataclasses.replace(NOCFG_RECIPE, num_steps=6, sde_window_range=(0, 4))
+    assert NOCFG_RECIPE.optimizer_steps_per_iteration == 2 and NOCFG_RECIPE.ema_updates_per_step == 2
+    method, ledger = counted(FlowGRPOFast, cfg, tiny_policy)
     prompts, groups = group_prompts(2, 3)
     out = method.collect(prompts, groups, torch.Generator().manual_seed(0))
     with ledger.phase("training"):
         logs = method.update(out, torch.full((6,), 0.5), torch.Generator().manual_seed(1))
-    assert logs["train/skipped"] == 1.0 and logs["train/zero_std_ratio"] == 1.0
-    assert ledger.forward["training"] == 0
+    assert "train/skipped" not in logs and logs["train/zero_std_ratio"] == 1.0
+    assert ledger.forward["training"] == 4 * 3  # 4 refilled samples × the window's 3 steps (no KL)
+    method, ledger = counted(FlowGRPOFast, dataclasses.replace(cfg, sample_filter="zero_std_groups"), tiny_policy)
+    with ledger.phase("training"):
+        logs = method.update(out, torch.full((6,), 0.5), torch.Generator().manual_seed(1))
+    assert logs["train/skipped"] == 1.0 and ledger.forward["training"] == 0
 
 
 def test_each_sampling_call_draws_its_own_window_and_update_uses_per_sample_times(tiny_policy):
     # 6 images in sampling calls of train_batch_size = 2: three windows, one per call.
-    cfg = FlowGRPOFastConfig(num_steps=6, sde_window_size=2, sde_window_range=(0, 5), train_batch_size=2)
+    cfg = FlowGRPOFastConfig(num_steps=6, sde_window_size=2, sde_window_range=(0, 5), train_batch_size=2,
+                             optimizer_steps_per_iteration=1)  # fmt: skip
     method, ledger = counted(FlowGRPOFast, cfg, tiny_policy)
     prompts, groups = group_prompts(2, 3)
     seen_mixed = False

@@ -129,6 +129,27 @@ def test_accumulated_gradient_is_the_plain_mean_over_samples_and_draws():
                                      train_batch_size=2, optimizer_steps=1, shift=1.0, generator=g)  # fmt: skip
 
 
+def test_mean_over_all_samples_scales_each_step_by_its_share():
+    """``mean_over = N``: a step's loss is ``Σ_trained w·ℓ / (N/steps)``, the zero-weight samples left out."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 1, 2, 2, generator=g)
+    rollout = Rollout([], torch.zeros(6, dtype=torch.long), Cond({"c": torch.randn(6, 1, 1, 1, generator=g)}), x0)
+    indices, weights = torch.tensor([1, 4, 5]), torch.ones(3)
+    grads = []
+    for mean_over in (None, 6):
+        policy = LinearPolicy()
+        optim = RecordingOptim([policy.a, policy.b])
+        train_weighted_flow_matching(policy, optim, rollout, indices, weights, draws_per_sample=1, train_batch_size=2,
+                                     optimizer_steps=1, shift=1.0, generator=torch.Generator().manual_seed(3),
+                                     mean_over=mean_over)  # fmt: skip
+        grads.append(optim.grads[0])
+    for kept_mean, all_mean in zip(*grads, strict=True):
+        assert torch.allclose(all_mean, kept_mean * 3 / 6, atol=1e-7)
+    with pytest.raises(ValueError, match="mean_over"):
+        train_weighted_flow_matching(LinearPolicy(), RecordingOptim([]), rollout, indices, weights, draws_per_sample=1,
+                                     train_batch_size=2, optimizer_steps=1, shift=1.0, generator=g, mean_over=2)  # fmt: skip
+
+
 def test_refreshed_flow_matching_collects_with_old_and_validates(tiny_policy):
     from harness.optim import OptimConfig, Optimization
 

@@ -1,9 +1,12 @@
-"""RAFT: top-k selection under both tie rules, the official preset, the kept samples, the sampler refresh."""
+"""RAFT: top-k selection under both tie rules, the official preset and loss, the kept samples, the refresh."""
+
+import dataclasses
 
 import pytest
 import torch
 
 from methods.raft import ONLINE_SFT, RAFT, RAFTConfig, top_k_mask
+from tests.conftest import make_tiny_policy
 from tests.methods.forward_smoke import counted, group_prompts
 
 
@@ -75,3 +78,33 @@ def test_sampler_refresh_interval(tiny_policy):
         else:
             assert logs["train/sampler_refreshed"] == 1.0
             assert all(torch.equal(theta[k], old[k]) for k in old)
+
+
+def first_step_gradient(cfg: RAFTConfig, rollout, rewards) -> list[torch.Tensor]:
+    """The gradient RAFT's first optimizer step applies, on a fresh copy of the same tiny policy."""
+    method, _ = counted(RAFT, cfg, make_tiny_policy())
+    grads: list[list[torch.Tensor]] = []
+    step = method.core.optim.step
+
+    def recording_step() -> float:
+        grads.append([p.grad.clone() for p in method.core.optim.parameters])
+        return step()
+
+    method.core.optim.step = recording_step
+    method.update(rollout, rewards, torch.Generator().manual_seed(1))
+    return grads[0]
+
+
+def test_official_loss_is_the_mean_over_all_samples():
+    """Official ``mean(adv·ℓ)`` over all B samples, adv ∈ {0, 1}: the kept-only mean's gradient times kept/B."""
+    assert RAFTConfig().loss_mean == "all_samples"
+    prompts, groups = group_prompts(2, 3)
+    cfg = RAFTConfig(num_steps=3)
+    method, _ = counted(RAFT, cfg, make_tiny_policy())
+    rollout = method.collect(prompts, groups, torch.Generator().manual_seed(0))
+    rewards = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2])  # one kept per group: kept/B = 2/6
+    official = first_step_gradient(cfg, rollout, rewards)
+    kept_mean = first_step_gradient(dataclasses.replace(cfg, loss_mean="kept"), rollout, rewards)
+    for got, reference in zip(official, kept_mean, strict=True):
+        assert torch.allclose(got, reference * 2 / 6, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in official)

@@ -245,7 +245,9 @@ def test_mmdet3_pred_instances_are_regrouped_per_class(class_names):
 
 @pytest.mark.skipif(importlib.util.find_spec("mmdet") is not None, reason="mmdet is installed here")
 def test_mmdet_backend_without_the_extra_names_it(class_names):
-    with pytest.raises(RewardError, match=r"'mmdet' extra: .*--no-build-isolation mmcv==1\.7\.2 mmdet==2\.28\.2"):
+    with pytest.raises(
+        RewardError, match=r"'mmdet' extra: `make mmdet`.*--no-build-isolation mmcv==1\.7\.2 mmdet==2\.28\.2"
+    ):
         MMDetMask2FormerDetector(class_names, "ckpt.pth")
     with pytest.raises(RewardError, match=r"needs mmdet 2\.x and mmcv 1\.x; install them with the 'mmdet' extra"):
         mmdet_backend.import_mmdet()

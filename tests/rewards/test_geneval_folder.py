@@ -164,10 +164,10 @@ def test_malformed_folders_raise_naming_the_path(tmp_path, class_names, how, mes
     assert detector.calls == [] and not (tmp_path / "out").exists()
 
 
-def test_cli_refuses_a_malformed_folder_before_loading_any_model(tmp_path, shared_data):
-    from harness.cli import main
+def test_cli_refuses_a_malformed_folder_before_loading_any_model(tmp_path, shared_data, capsys):
+    from harness.cli import USER_ERROR, main
 
     (tmp_path / "00000").mkdir()
     names = str(shared_data / "geneval" / "object_names.txt")
-    with pytest.raises(SystemExit, match=r"00000/metadata\.jsonl is missing"):
-        main(["geneval", str(tmp_path), "--backend", "hf", "--class-names", names])
+    assert main(["geneval", str(tmp_path), "--backend", "hf", "--class-names", names]) == USER_ERROR
+    assert re.fullmatch(r"diffrl geneval: \S*00000/metadata\.jsonl is missing.*\n", capsys.readouterr().err)

@@ -105,7 +105,7 @@ def test_wrong_inputs_are_errors(tiny_checkpoints):
     reward = REWARDS.get("clipscore")(**tiny_checkpoints["clipscore"])
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         reward(batch(2), PROMPTS[:1])
-    with pytest.raises(ValueError, match=r"shape \(B, 3, H, W\)"):
+    with pytest.raises(RewardError, match=r"shape \(B, 3, H, W\)"):
         reward(torch.rand(2, 1, 8, 8), PROMPTS[:2])
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         REWARDS.get("clipscore")(batch_size=0)

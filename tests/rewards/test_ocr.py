@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -133,14 +136,15 @@ def test_missing_tesseract_binary_says_how_to_install():
 
 
 class FakeRapidOCR:
-    """Stands in for ``rapidocr_onnxruntime.RapidOCR``: records what it is given, reads one fixed box."""
+    """Stands in for ``rapidocr.RapidOCR`` (3.x): records what it is given, reads one fixed box."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[np.ndarray, dict]] = []
 
     def __call__(self, image, **kwargs):
         self.calls.append((image, kwargs))
-        return [[[[1, 2], [30, 2], [30, 12], [1, 12]], "OPEN", 0.9]], [0.01, 0.01, 0.01]
+        boxes = np.array([[[1, 2], [30, 2], [30, 12], [1, 12]]], dtype=np.float32)
+        return SimpleNamespace(boxes=boxes, txts=("OPEN",), scores=(0.9,))  # the fields of a RapidOCROutput
 
 
 def rapid_with_fake(rgb_as_bgr: bool) -> tuple[OCRReward, FakeRapidOCR]:
@@ -183,6 +187,33 @@ def test_engine_failures_become_reward_errors():
     with pytest.raises(RewardError, match=r"'fixed' \(0\) failed on 2 image\(s\): RuntimeError: onnx session died"):
         OCRReward(FixedEngine(error=RuntimeError("onnx session died")))(images, prompts)
     assert OCRReward(FixedEngine(results=[[box("x", 0, 0, 1, 1)], []]))(images, prompts).tolist() == [1.0, 0.0]
+
+
+def test_rapidocr_reading_nothing_gives_no_boxes():
+    engine = RapidOCREngine()
+    engine._ocr = lambda image, **kwargs: SimpleNamespace(boxes=None, txts=None, scores=None)  # nothing detected
+    assert engine.read([np.zeros((8, 8, 3), dtype=np.uint8)]) == [[]]
+    engine._ocr = lambda image, **kwargs: SimpleNamespace(boxes=np.zeros((0,)), txts=(), scores=())  # all dropped
+    assert engine.read([np.zeros((8, 8, 3), dtype=np.uint8)]) == [[]]
+
+
+def test_missing_rapidocr_or_onnxruntime_names_the_ocr_extra(monkeypatch):
+    version, find_spec = importlib.metadata.version, importlib.util.find_spec
+
+    def no_rapidocr(name: str) -> str:
+        if name == "rapidocr":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_rapidocr)
+    with pytest.raises(RewardError, match=r"'rapidocr'; install it with `pip install -e '\.\[ocr\]'`"):
+        RapidOCREngine()
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else find_spec(name)
+    )
+    with pytest.raises(RewardError, match=r"onnxruntime, which is not installed; `pip install -e '\.\[ocr\]'`"):
+        RapidOCREngine()
 
 
 def test_missing_levenshtein_is_reported_at_construction(monkeypatch):

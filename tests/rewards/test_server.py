@@ -265,13 +265,13 @@ def test_wildcard_bind_prints_a_reachable_url(monkeypatch, capsys):
     host = socket.gethostname()
     assert reachable_url("0.0.0.0", 8123) == f"http://{host}:8123" and reachable_url("::", 1) == f"http://{host}:1"
     assert reachable_url("127.0.0.1", 80) == "http://127.0.0.1:80" and reachable_url("::1", 80) == "http://[::1]:80"
-    server = make_server(SlowlessReward(), "0.0.0.0", 0)
+    server = make_server(SlowlessReward(), "0.0.0.0", 0, token="secret")
     try:
         assert server.url == f"http://{host}:{server.server_address[1]}"
     finally:
         server.server_close()
-    monkeypatch.setattr(server_module, "serve", lambda reward, h, p: None)
-    server_module.serve_reward("shapes_geneval", "0.0.0.0", 8123)
+    monkeypatch.setattr(server_module, "serve", lambda reward, h, p, token, insecure: None)
+    server_module.serve_reward("shapes_geneval", "0.0.0.0", 8123, token="secret")
     assert f"http://{host}:8123 (bound to all interfaces" in capsys.readouterr().out
 
 
@@ -284,9 +284,73 @@ class SlowlessReward:
 
 def test_serve_reward_builds_the_registered_reward(monkeypatch):
     calls = []
-    monkeypatch.setattr(server_module, "serve", lambda reward, host, port: calls.append((reward, host, port)))
-    server_module.serve_reward("shapes_geneval", "0.0.0.0", 8123, judgement="correct")
+    monkeypatch.setattr(
+        server_module, "serve", lambda reward, host, port, token, insecure: calls.append((reward, host, port))
+    )
+    server_module.serve_reward("shapes_geneval", "0.0.0.0", 8123, insecure=True, judgement="correct")
     [(reward, host, port)] = calls
     assert isinstance(reward, ShapesGenEval) and reward.judgement == "correct" and (host, port) == ("0.0.0.0", 8123)
     with pytest.raises(KeyError, match="unknown reward"):
         server_module.serve_reward("shapes_genevl")
+
+
+@pytest.fixture
+def token_server(monkeypatch) -> Iterator[str]:
+    """A shapes server that wants the bearer token "s3cret"; no token in the environment."""
+    monkeypatch.delenv(server_module.TOKEN_ENV, raising=False)
+    server = make_server(ShapesGenEval(), "127.0.0.1", 0, token="s3cret")
+    start(server)
+    yield server.url
+    server.shutdown()
+    server.server_close()
+
+
+def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("POST", "/score", body, {"Content-Type": "application/octet-stream", **(headers or {})})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def test_a_token_server_refuses_requests_without_the_token(token_server, monkeypatch):
+    images, prompts = shapes_batch(2)
+    with pytest.raises(RewardError, match=r"HTTP 401: .*bearer token"):
+        RemoteReward(token_server, timeout=10, retries=0)  # GET /spec is guarded too
+    with pytest.raises(RewardError, match="HTTP 401"):
+        RemoteReward(token_server, timeout=10, retries=0, token="wrong")
+    status, _ = post(token_server, encode_batch(images, prompts))
+    assert status == 401
+    expected = ShapesGenEval()(images, prompts)
+    assert torch.equal(RemoteReward(token_server, timeout=10, retries=0, token="s3cret")(images, prompts), expected)
+    monkeypatch.setenv(server_module.TOKEN_ENV, "s3cret")  # the client reads the same variable as the server
+    assert torch.equal(RemoteReward(token_server, timeout=10, retries=0)(images, prompts), expected)
+
+
+def test_non_loopback_binds_need_a_token_or_insecure(monkeypatch):
+    monkeypatch.delenv(server_module.TOKEN_ENV, raising=False)
+    for host in ("0.0.0.0", "", "::"):
+        with pytest.raises(ValueError, match=r"without a token.*--token .*DIFFRL_REWARD_TOKEN.*--insecure"):
+            make_server(SlowlessReward(), host, 0)
+    assert server_module.is_loopback("127.0.0.1") and server_module.is_loopback("::1")
+    assert server_module.is_loopback("localhost") and not server_module.is_loopback("8.8.8.8")
+    make_server(SlowlessReward(), "0.0.0.0", 0, insecure=True).server_close()
+    monkeypatch.setattr(server_module, "serve", lambda *args: None)
+    with pytest.raises(ValueError, match="without a token"):  # refused before the reward is built
+        server_module.serve_reward("no_such_reward", "0.0.0.0", 8123)
+    monkeypatch.setenv(server_module.TOKEN_ENV, "s3cret")
+    server_module.serve_reward("shapes_geneval", "0.0.0.0", 8123)  # the environment's token guards it
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1.5, -0.5])
+def test_the_server_refuses_bad_pixels_with_http_400(shapes_server, bad):
+    _, url = shapes_server
+    images, prompts = shapes_batch(3)
+    images[1, 0, 5, 5] = bad
+    status, body = post(url, encode_batch(images, prompts))
+    assert status == 400 and b"batch positions [1]" in body
+    with pytest.raises(RewardError, match=r"batch positions \[1\]"):  # the client refuses before sending
+        RemoteReward(url, timeout=10, retries=0)(images, prompts)

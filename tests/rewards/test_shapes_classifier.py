@@ -24,7 +24,7 @@ from harness.train_classifier import (
     rule_beliefs,
     train_classifier,
 )
-from harness.types import Prompt
+from harness.types import Prompt, RewardError
 from rewards import REWARDS
 from rewards.shapes import ShapesGenEval
 from rewards.shapes_classifier import (
@@ -157,13 +157,13 @@ def test_soft_relation_at_temperature_zero_is_genevals_rule():
             assert bool(p) == (relation in found)
 
 
-def test_bad_inputs_raise_value_errors(reward):
+def test_bad_inputs_raise_errors(reward):
     prompt = Prompt("a photo of a circle", make_metadata("single_object", ("circle",)))
     with pytest.raises(ValueError, match=r"shape \(B, 3, 32, 32\)"):
         reward(torch.rand(1, 3, 16, 16), [prompt])
-    with pytest.raises(ValueError, match=r"shape \(B, 3, 32, 32\)"):
+    with pytest.raises(RewardError, match=r"shape \(B, 3, H, W\)"):  # the reward contract's own check
         reward(torch.rand(3, 32, 32), [prompt])
-    with pytest.raises(ValueError, match="float images"):
+    with pytest.raises(RewardError, match="float images"):
         reward(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), [prompt])
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         reward(torch.rand(2, 3, 32, 32), [prompt])
