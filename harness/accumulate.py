@@ -81,9 +81,10 @@ def filler_generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def _micro_batches(chunk: Tensor, batch_size: int, equal_passes: Callable[[int], int] | None) -> list[slice | None]:
-    """The positions of each micro-batch of ``chunk``; ``None`` entries are FSDP fillers."""
-    batches: list[slice | None] = list(iter_batches(len(chunk), batch_size))
+def micro_batch_positions(size: int, batch_size: int, equal_passes: Callable[[int], int] | None) -> list[slice | None]:
+    """The positions of each micro-batch of a chunk of ``size`` items, as :func:`accumulate` runs them; ``None``
+    entries are FSDP fillers (a method that precomputes per-pass values before the update walks the same list)."""
+    batches: list[slice | None] = list(iter_batches(size, batch_size))
     if equal_passes is None:
         return batches
     return batches + [None] * (equal_passes(len(batches)) - len(batches))
@@ -124,7 +125,7 @@ def accumulate(
         on_chunks(chunks, generator)
     for c, chunk in enumerate(chunks):
         state = on_chunk(c, chunk, generator) if on_chunk is not None else None
-        batches = _micro_batches(chunk, batch_size, equal_passes)
+        batches = micro_batch_positions(len(chunk), batch_size, equal_passes)
         for repeat in range(repeats):
             for index, positions in enumerate(batches):
                 filler = positions is None

@@ -113,11 +113,13 @@ def zero_advantage_filter(
 
 
 def kept_samples(
-    rewards: Tensor, advantages: Tensor, rollout: Rollout, rule: SampleFilter, multiple: int, generator: torch.Generator,
-    *, refill_empty: bool = False,
-) -> tuple[Tensor, bool, dict[str, float]]:  # fmt: skip
-    """This process's trained samples under ``rule`` (``"zero_advantage"`` or ``"zero_std_groups"``), whether
-    the whole batch has none (every process then skips its step), and the filter's logs."""
+    rewards: Tensor, rollout: Rollout, *, std: StdMode, adv_clip_max: float, rule: SampleFilter, multiple: int,
+    generator: torch.Generator, refill_empty: bool = False,
+) -> tuple[Tensor, Tensor, bool, dict[str, float]]:  # fmt: skip
+    """The GRPO batch every GRPO-family update starts from: this process's clipped group-relative advantages,
+    its trained samples under ``rule`` (``"zero_advantage"`` or ``"zero_std_groups"``), whether the whole batch
+    has none (every process then skips its step), and the filter's logs."""
+    advantages = group_advantages(rewards, rollout.all_group_ids, std=std).clamp(-adv_clip_max, adv_clip_max)
     tied = zero_std_groups(rewards, rollout.all_group_ids)
     if rule == "zero_advantage":
         mask = zero_advantage_filter(rollout.mine(advantages), multiple, generator, refill_empty=refill_empty)
@@ -126,7 +128,7 @@ def kept_samples(
     else:
         mask, none = ~rollout.mine(tied), bool(tied.all())
     logs = {"train/zero_std_ratio": tied.float().mean().item(), "train/kept_fraction": mask.float().mean().item()}
-    return mask.nonzero().flatten(), none, logs
+    return rollout.mine(advantages), mask.nonzero().flatten(), none, logs
 
 
 def grpo_loss(
@@ -217,11 +219,9 @@ class FlowGRPO:
         cfg, trajectory = self.cfg, rollout.trajectory
         if trajectory is None or trajectory.log_probs is None or trajectory.latents is None:
             raise ValueError("FlowGRPO needs rollouts with latents and log-probs (a stochastic sampler)")
-        advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std).clamp(
-            -cfg.adv_clip_max, cfg.adv_clip_max
-        )
-        keep, none, logs = kept_samples(rewards, advantages, rollout, cfg.sample_filter, cfg.filter_multiple, generator)
-        advantages = rollout.mine(advantages)
+        advantages, keep, none, logs = kept_samples(rewards, rollout, std=cfg.std, adv_clip_max=cfg.adv_clip_max,
+                                                    rule=cfg.sample_filter, multiple=cfg.filter_multiple,
+                                                    generator=generator)  # fmt: skip
         if none:
             logs["train/skipped"] = 1.0  # no sample with a learning signal anywhere in the batch: no step
             return logs

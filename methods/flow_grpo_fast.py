@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
-from harness.advantages import StdMode, group_advantages
+from harness.advantages import StdMode
 from harness.optim import Optimization
 from harness.policy import Cond, Policy, guided_velocity, iter_batches
 from harness.rollout import Trajectory, Window, rollout
@@ -162,11 +162,9 @@ class FlowGRPOFast:
         cfg, trajectory = self.cfg, rollout.trajectory
         if trajectory is None or trajectory.latents is None or trajectory.log_probs is None:
             raise ValueError("FlowGRPOFast needs the window trajectory from its own collect")
-        advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std).clamp(-cfg.adv_clip_max,
-                                                                                         cfg.adv_clip_max)  # fmt: skip
-        keep, none, logs = kept_samples(rewards, advantages, rollout, cfg.sample_filter, cfg.filter_multiple, generator,
-                                        refill_empty=True)  # fmt: skip
-        advantages = rollout.mine(advantages)
+        advantages, keep, none, logs = kept_samples(rewards, rollout, std=cfg.std, adv_clip_max=cfg.adv_clip_max,
+                                                    rule=cfg.sample_filter, multiple=cfg.filter_multiple,
+                                                    generator=generator, refill_empty=True)  # fmt: skip
         starts = (trajectory.timesteps[:, :1] == self.schedule).float().argmax(dim=1)  # (B,) schedule index
         logs["train/window_start"] = starts.float().mean().item()
         if none:

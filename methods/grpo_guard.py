@@ -39,10 +39,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from harness.accumulate import MicroBatch, accumulate
-from harness.advantages import StdMode, group_advantages
+from harness.accumulate import FILLER_ITEMS, MicroBatch, accumulate, micro_batch_positions
+from harness.advantages import StdMode
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, iter_batches
+from harness.policy import Cond, Policy, guided_velocity
 from harness.rollout import Trajectory, rollout
 from harness.samplers import FlowSDE, Transition, flow_schedule
 from harness.types import Prompt
@@ -176,10 +176,9 @@ class GRPOGuard:
         self._old_means = {}
         with torch.no_grad():
             for c, chunk in enumerate(chunks[1:], start=1):
-                batches = list(iter_batches(len(chunk), cfg.train_batch_size))
-                fillers = rollout_.equal_passes(len(batches)) - len(batches) if rollout_.equal_passes else 0
-                for b, positions in enumerate([*batches, *([None] * fillers)]):
-                    sel = torch.tensor([0]) if positions is None else chunk[positions]
+                positions_list = micro_batch_positions(len(chunk), cfg.train_batch_size, rollout_.equal_passes)
+                for b, positions in enumerate(positions_list):
+                    sel = FILLER_ITEMS if positions is None else chunk[positions]
                     for j in range(cfg.train_steps):
                         mean = self._replay(latents, sel, j, rollout_.cond[sel])[1].mean
                         if positions is not None:
@@ -189,11 +188,9 @@ class GRPOGuard:
         cfg, trajectory = self.cfg, rollout.trajectory
         if trajectory is None or trajectory.log_probs is None or trajectory.latents is None:
             raise ValueError("GRPO-Guard needs rollouts with latents and log-probs (the Flow-SDE)")
-        advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std).clamp(
-            -cfg.adv_clip_max, cfg.adv_clip_max
-        )
-        keep, none, logs = kept_samples(rewards, advantages, rollout, cfg.sample_filter, cfg.filter_multiple, generator)
-        advantages = rollout.mine(advantages)
+        advantages, keep, none, logs = kept_samples(rewards, rollout, std=cfg.std, adv_clip_max=cfg.adv_clip_max,
+                                                    rule=cfg.sample_filter, multiple=cfg.filter_multiple,
+                                                    generator=generator)  # fmt: skip
         if none:
             logs["train/skipped"] = 1.0  # no sample with a learning signal anywhere in the batch: no step
             return logs
