@@ -19,6 +19,11 @@ this loop does the rest, identically for every method:
    put their official weights inside the loss and say so.)
 5. step the optimizer after each chunk and average every logged value over all real passes of all steps
    (weighted by the same shares), reading values back from the device once per update.
+
+Nothing in the passes reads a value back to the host: item indices stay where ``items`` is (the policy's
+device), the shuffle is drawn on the CPU and moved there once, logged values accumulate on the device, and the
+trainer's optimizer reads its grad norm and the finiteness of the step's losses together, once per step
+(``defer_loss_checks`` of :class:`harness.optim.Optimization`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from harness.policy import iter_batches
+from harness.policy import iter_batches, to_device
 
 FILLER_ITEMS = torch.tensor([0])  # the local item a filler pass computes on (its loss is scaled by 0)
 
@@ -71,9 +76,25 @@ def optimizer_chunks(indices: Tensor, steps: int, generator: torch.Generator, *,
     if steps < 1:
         raise ValueError(f"optimizer steps per iteration must be >= 1, got {steps}")
     if steps > 1:
-        indices = indices[torch.randperm(len(indices), generator=generator)]
+        indices = indices[to_device(torch.randperm(len(indices), generator=generator), indices.device)]
     chunks = [indices[s] for s in iter_batches(len(indices), max(1, -(-len(indices) // steps)))]
     return chunks + [indices[:0]] * (steps - len(chunks)) if pad else chunks
+
+
+def filler_items(device: torch.device) -> Tensor:
+    """:data:`FILLER_ITEMS` on ``device`` (where the items are)."""
+    return to_device(FILLER_ITEMS, device)
+
+
+def host_floats(values: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Logged scalars as Python floats, every tensor read back in one copy (exact: read as float64)."""
+    tensors = [value for value in values.values() if isinstance(value, Tensor)]
+    read = iter(
+        torch.stack([to_device(t.detach(), tensors[0].device).double().reshape(()) for t in tensors]).tolist()
+        if tensors
+        else []
+    )
+    return {key: next(read) if isinstance(value, Tensor) else float(value) for key, value in values.items()}
 
 
 def filler_generator() -> torch.Generator:
@@ -118,6 +139,7 @@ def accumulate(
     if repeats < 1 or batch_size < 1:
         raise ValueError(f"repeats and batch_size must be >= 1, got {repeats}, {batch_size}")
     chunks = optimizer_chunks(items, optimizer_steps, generator, pad=pad)
+    filler_batch = filler_items(items.device)
     totals: dict[str, Tensor | float] = {}
     grad_norms: list[float] = []
     weighted_chunks = sum(1 for chunk in chunks if len(chunk))
@@ -130,7 +152,7 @@ def accumulate(
             for index, positions in enumerate(batches):
                 filler = positions is None
                 batch = MicroBatch(
-                    items=FILLER_ITEMS if positions is None else chunk[positions],
+                    items=filler_batch if positions is None else chunk[positions],
                     positions=slice(0, 1) if positions is None else positions, index=index,
                     repeat=repeat, chunk=c, filler=filler, chunk_state=state,
                     generator=filler_generator() if filler else generator,
@@ -144,6 +166,6 @@ def accumulate(
                     term = value.detach() if isinstance(value, Tensor) else value
                     totals[key] = totals.get(key, 0.0) + term * share / weighted_chunks
         grad_norms.append(optim.step())
-    out = {f"train/{key}": float(value) for key, value in totals.items()}
+    out = {f"train/{key}": value for key, value in host_floats(totals).items()}
     out["train/grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
     return out

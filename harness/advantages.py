@@ -4,6 +4,9 @@
 the std is one population std over all rewards of the batch (``std="global"``, the official
 SD3 configs of FlowGRPO and DiffusionNFT) or per group (``std="group"``, FlowGRPO's Eq. 3 as
 written).
+
+Everything is computed where the rewards are (the policy's device in the training loop). ``torch.unique``
+reads the group count back once per call: these run once per iteration, before the inner loops.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ StdMode = Literal["global", "group"]
 
 def group_means(values: Tensor, group_ids: Tensor) -> Tensor:
     """Each sample's group mean, (B,)."""
-    _, inverse = torch.unique(group_ids, return_inverse=True)
-    n_groups = int(inverse.max()) + 1
-    sums = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, values.double())
-    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(
+    groups, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = len(groups)  # = inverse.max() + 1, without reading it back
+    sums = torch.zeros(n_groups, dtype=torch.float64, device=values.device).index_add_(0, inverse, values.double())
+    counts = torch.zeros(n_groups, dtype=torch.float64, device=values.device).index_add_(
         0, inverse, torch.ones_like(values, dtype=torch.float64)
     )
     return (sums / counts)[inverse]

@@ -99,7 +99,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from benchmarks.shapes.pretrain import PretrainConfig, pretrain
 
     steps = PretrainConfig().steps if args.steps is None else args.steps
-    out = pretrain(PretrainConfig(steps=steps, seed=args.seed, save_every=args.save_every), Path(args.out))
+    cfg = PretrainConfig(steps=steps, seed=args.seed, save_every=args.save_every)
+    out = pretrain(cfg, Path(args.out), resume=args.resume)
     print(f"wrote {out}")
     return 0
 
@@ -111,6 +112,9 @@ def add_pretrain(sub: Subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0, help="also save every N steps into OUT/step_N")
     p.add_argument("--out", default="results/pretrain/shapes_base", help="checkpoint folder to write")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in OUT from OUT/resume.pt (saved with every checkpoint)"
+    )
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -703,6 +707,13 @@ def cmd_bench_rewards(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from harness.bench.gpu import run
+
+    run(args)
+    return 0
+
+
+def cmd_bench_sd3_check(args: argparse.Namespace) -> int:
     from harness.bench.sd3_check import run
 
     run(args)
@@ -710,7 +721,8 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
 
 
 def add_bench(sub: Subparsers) -> None:
-    bench = sub.add_parser("bench", help="speed and memory benchmarks (not tests): methods, overhead, rewards, gpu")
+    bench = sub.add_parser("bench", help="speed and memory benchmarks (not tests): methods, overhead, rewards, gpu, "
+                           "sd3-check")  # fmt: skip
     what = bench.add_subparsers(dest="what", required=True)
     p = what.add_parser("methods", help="s/iteration per phase and peak memory of each variant of a suite")
     p.add_argument(
@@ -735,12 +747,34 @@ def add_bench(sub: Subparsers) -> None:
     p.add_argument("--out", default="results/bench", help="writes OUT/reward_speed.md")
     p.set_defaults(func=cmd_bench_rewards)
     add_bench_gpu(what)
+    add_bench_sd3_check(what)
 
 
 def add_bench_gpu(what: Subparsers) -> None:
-    """``diffrl bench gpu`` (:mod:`harness.bench.sd3_check`): seconds, memory and TFLOP/s on SD3.5-M's shapes."""
-    p = what.add_parser("gpu", help="DiffusionNFT and FlowGRPO iterations on SD3.5-Medium's transformer (random "
-                        "weights) with LoRA: s/phase, peak memory, TFLOP/s")  # fmt: skip
+    """``diffrl bench gpu`` (:mod:`harness.bench.gpu`): the one prepared GPU run, ≤ 8 minutes on an H100/H200."""
+    p = what.add_parser("gpu", help="the card's limit (plain loop, eager and compiled, throughput options), both "
+                        "methods' training and sampling at micro-batches 4/8/16 in real TFLOP/s, the tiny DiT on "
+                        "the GPU; writes OUT/gpu_bench_<device>.json and .md")  # fmt: skip
+    p.add_argument("--tiny", action="store_true", help="every section on the CPU with a tiny SD3 (seconds)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", type=Path, default=Path("results/bench"), help="folder of the JSON and Markdown")
+    p.add_argument("--micro-batches", type=int, nargs="+", default=None, help="default 4 8 16 (--tiny: 2 4)")
+    p.add_argument("--budget-seconds", type=float, default=420.0,
+                   help="a section starts only while this much time is left (compiled ones need 150 s)")  # fmt: skip
+    p.add_argument("--no-compile", action="store_true", help="skip the compiled sections")
+    p.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --tiny: eager)")
+    p.add_argument("--shapes-suite", default="shapes_full", help="(d): the suite whose cell runs on this device")
+    p.add_argument("--shapes-variant", default="diffusion_nft", help="(d): its variant")
+    p.add_argument("--cpu-reference", type=Path, default=Path("results/bench/bench_shapes_full.json"),
+                   help="(d): the 2-core CPU's figures (diffrl bench methods --suite shapes_full)")  # fmt: skip
+    p.set_defaults(func=cmd_bench_gpu)
+
+
+def add_bench_sd3_check(what: Subparsers) -> None:
+    """``diffrl bench sd3-check`` (:mod:`harness.bench.sd3_check`): seconds, memory and TFLOP/s on SD3.5-M's
+    shapes (``diffrl bench gpu`` before the one GPU script; docs/sd3.md's Runs 1 and 2)."""
+    p = what.add_parser("sd3-check", help="DiffusionNFT and FlowGRPO iterations on SD3.5-Medium's transformer "
+                        "(random weights) with LoRA: s/phase, peak memory, TFLOP/s")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="tiny transformer/VAE config (CPU smoke run)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--resolution", type=int, default=None, help="pixels (default 512; 64 with --tiny)")
@@ -756,7 +790,7 @@ def add_bench_gpu(what: Subparsers) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of the bare forward+backward")
     p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
-    p.set_defaults(func=cmd_bench_gpu)
+    p.set_defaults(func=cmd_bench_sd3_check)
 
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (

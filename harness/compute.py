@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from harness.policy import Cond, Policy, WeightSet
+from harness.policy import Cond, Policy, WeightSet, policy_device
 
 Phase = Literal["sampling", "reward", "training", "eval", "other"]
 PHASES: tuple[Phase, ...] = ("sampling", "reward", "training", "eval", "other")
@@ -121,6 +121,10 @@ class CountingPolicy:
         self.ledger = ledger
         self.sample_shape = policy.sample_shape
         self.supports_cfg = policy.supports_cfg
+
+    @property
+    def device(self) -> torch.device:
+        return policy_device(self.inner)
 
     def encode(self, prompts: Sequence[str]) -> Cond:
         return self.inner.encode(prompts)

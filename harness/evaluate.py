@@ -151,7 +151,8 @@ def evaluate_policy(
     round; it scores them and every process returns its scores. The batches, their noise and their
     sampler seeds are the single process's, so the scores do not depend on the process count. A
     process left without a batch in the last round samples one filler image (counted, discarded), so
-    every process runs the same passes, which FSDP's all-gathers need.
+    every process runs the same passes, which FSDP's all-gathers need. Sampling runs on the policy's device
+    (the eval noise is drawn on the CPU and moved with each batch); the images come back to the host.
     """
     prompts = benchmark.eval_prompts()
     expanded = [p for p in prompts for _ in range(benchmark.images_per_prompt)]
@@ -180,8 +181,8 @@ def evaluate_policy(
             filler = index >= len(batches)  # the same passes as a real batch, nothing kept
             images = sample(0, slice(0, 1))[:0] if filler else sample(index, batches[index])
             parts = processes.gather_on_main(images)
-            if parts is not None:
-                gathered.extend(parts)
+            if parts is not None:  # images are kept and scored on the host: one read per eval batch
+                gathered.extend(part.cpu() for part in parts)
             bar.update(min(processes.world_size, len(batches) - round_index * processes.world_size))
     bar.close()
     all_images = torch.cat(gathered) if processes.is_main else None

@@ -11,8 +11,9 @@ harness does not implement are refused (:data:`UNSUPPORTED`) rather than ignored
 What changes under FSDP, against plain data parallelism (:mod:`harness.distributed`):
 
 * gradients are averaged by FSDP's reduce-scatter in the backward pass, so the harness's own
-  all-reduce (``Processes.average_gradients``) is skipped; parameters, gradients, the optimizer
-  moments and the EMA are DTensor shards, and their element-wise updates act on the shards;
+  all-reduce (``Processes.average_gradients``) is skipped, all but its zeros for missing gradients
+  (:func:`zero_missing_gradients`); parameters, gradients, the optimizer moments and the EMA are
+  DTensor shards, and their element-wise updates act on the shards;
 * every forward pass all-gathers a unit's parameters, so every process must run the same passes:
   evaluation deals every process the same number of batches, and a method whose training subset
   depends on the rewards pads its micro-batches with filler passes (:mod:`harness.accumulate`);
@@ -85,6 +86,21 @@ def shard_policy(policy: object, device: torch.device, world_size: int, reshard_
         )
     mesh = init_device_mesh(device.type, (world_size,))
     policy.fully_shard(lambda module: fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward))
+
+
+def zero_missing_gradients(parameters: Sequence[nn.Parameter]) -> None:
+    """Give each parameter without a gradient a zero one (a shard of zeros under FSDP), before the step.
+
+    FSDP's backward averages the gradients, so no all-reduce is left to do; but where no process ran a
+    backward pass before a step (every process's chunk was empty: the padded optimizer steps of
+    :func:`harness.accumulate.optimizer_chunks`), the gradients are ``None`` and AdamW would skip the
+    parameters, while the data-parallel path (:meth:`harness.distributed.Processes.average_gradients`) counts a
+    missing gradient as 0 and steps (the moments decay, the weight decay applies). This makes both paths take
+    the same step.
+    """
+    for p in parameters:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def full_tensor(tensor: Tensor) -> Tensor:

@@ -58,16 +58,22 @@ class Optimization:
         *,
         ema_updates_per_step: int = 1,
         ema_max_decay: float | None = None,
+        defer_loss_checks: bool = False,
     ) -> None:
         """``gradient_sync`` runs on the accumulated gradients before each step (several processes:
-        :meth:`harness.distributed.Processes.average_gradients`; none under FSDP, whose backward averages).
+        :meth:`harness.distributed.Processes.average_gradients`; under FSDP, whose backward averages, only
+        :func:`harness.fsdp.zero_missing_gradients`).
 
         The EMA follows the method's own schedule (:func:`method_ema_settings`): ``ema_interval``,
         ``ema_updates_per_step`` (FlowGRPO's per-micro-batch stepping, :mod:`harness.ema`) and
         ``ema_max_decay`` (a method's official ``eval_ema_decay``; None: ``cfg.ema_max_decay``).
 
         Under FSDP the parameters are DTensor shards: the optimizer moments and the EMA are shards too,
-        the grad norm is over the whole gradient, and :meth:`load_state_dict` takes full tensors."""
+        the grad norm is over the whole gradient, and :meth:`load_state_dict` takes full tensors.
+
+        ``defer_loss_checks`` (the training loop's setting): check the losses' finiteness at the next
+        :meth:`step`, before the weights change, in the one read of the grad norm, instead of one host sync
+        per :meth:`backward`."""
         self.parameters = list(parameters)
         self.gradient_sync = gradient_sync
         if not self.parameters:
@@ -81,24 +87,41 @@ class Optimization:
         self.ema = EMA(self.parameters, max_decay=max_decay, interval=ema_interval,
                        updates_per_step=ema_updates_per_step)  # fmt: skip
         self.global_step = 0
+        self.defer_loss_checks = defer_loss_checks
+        self._unchecked: list[Tensor] = []  # this step's losses, with defer_loss_checks
 
     def backward(self, loss: Tensor, scale: float = 1.0) -> None:
-        """``(loss·scale).backward()`` after checking that the loss is finite."""
-        if not torch.isfinite(loss):
+        """``(loss·scale).backward()`` after checking that the loss is finite (deferred: see ``defer_loss_checks``)."""
+        if self.defer_loss_checks:
+            self._unchecked.append(loss.detach())
+        elif not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at optimizer step {self.global_step + 1}")
         (loss * scale).backward()
+
+    def _read_grad_norm(self, grad_norm: Tensor) -> float:
+        """The grad norm, read back together with the deferred finiteness check of this step's losses."""
+        losses, self._unchecked = self._unchecked, []
+        if not losses:
+            return float(grad_norm)
+        values = torch.stack([loss.double().reshape(()) for loss in losses])
+        finite, norm = torch.stack([torch.isfinite(values).all().double(), grad_norm.double()]).tolist()
+        if not finite:
+            bad = values[~torch.isfinite(values)][0].item()
+            raise FloatingPointError(f"non-finite loss {bad} at optimizer step {self.global_step + 1}")
+        return norm
 
     def step(self) -> float:
         """Sync, clip, step, zero the grads, advance the step counter and the EMA; returns the grad norm."""
         if self.gradient_sync is not None:
             self.gradient_sync(self.parameters)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.grad_clip))
+        norm = self._read_grad_norm(grad_norm)  # before the weights change: a non-finite loss stops here
         self.ema.flush()  # the last update step's pending EMA applications see its weights, as in FlowGRPO
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         self.ema.update(self.global_step)
-        return float(full_tensor(grad_norm))
+        return norm
 
     def state_dict(self) -> dict[str, object]:
         """Optimizer moments, EMA weights and the step counter (everything a resumed run needs; shards under FSDP)."""

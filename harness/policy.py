@@ -8,6 +8,11 @@ Three weight sets are selected through :meth:`Policy.use_weights` so that a meth
 whether they are LoRA adapters of one network (SD3.5, as the official code does) or parameter
 copies (tiny model): ``"train"`` (θ, the one with gradients), ``"old"`` (the sampling policy,
 soft-updated ``old ← η·old + (1 − η)·θ``) and ``"ref"`` (the frozen initial model).
+
+The device contract: a policy lives on one ``device``, and every tensor the sampling and training loops
+create lives there too. Random draws come from seeded CPU generators (:mod:`harness.seeding`) and are moved
+to the device once per rollout or micro-batch with :func:`to_device` (so a CPU and a GPU run see the same
+noise); nothing in those loops reads a value back to the host (docs/architecture.md, "Devices").
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class Policy(Protocol):
 
     sample_shape: tuple[int, ...]  # (C, H, W) of x0, latents or pixels
     supports_cfg: bool
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live, and where the sampling and training loops create every tensor."""
+        ...
 
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Encode prompts (the empty string is the unconditional prompt for CFG)."""
@@ -105,6 +115,25 @@ def guided_velocity(
     v = policy.velocity(torch.cat([x_t, x_t]), torch.cat([t, t]), Cond.cat([uncond, cond]))
     v_uncond, v_cond = v.chunk(2)
     return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def policy_device(policy: Policy) -> torch.device:
+    """``policy.device``; for a minimal stand-in without one (a test double of a few parameters), where its
+    trainable parameters are."""
+    device = getattr(policy, "device", None)
+    return device if device is not None else policy.trainable_parameters()[0].device
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device``, the same tensor if it is there already; a host-to-device copy is queued without
+    waiting for the device (no host sync; safe, the source is staged at once), a copy to the host waits."""
+    return tensor.to(device, non_blocking=device.type != "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a CUDA device; nothing else queues): phase timings end here."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def iter_batches(n: int, batch_size: int) -> Iterator[slice]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.policy import Cond, Policy, guided_velocity
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
 from harness.samplers import EulerODE, History, Sampler
 
 
@@ -66,6 +66,18 @@ class Trajectory:
     log_probs: Tensor | None = None
 
 
+def draw_step_noises(
+    samplers: list[Sampler], shape: torch.Size, generator: torch.Generator | None, device: torch.device
+) -> dict[int, Tensor]:
+    """The noise of each stochastic step k (fp32, ``shape``), drawn in step order from ``generator`` as the steps
+    would draw it one by one, and moved to ``device`` in one copy."""
+    steps = [k for k, step_sampler in enumerate(samplers) if step_sampler.stochastic]
+    if not steps:
+        return {}
+    drawn = torch.stack([torch.randn(shape, generator=generator, dtype=torch.float32) for _ in steps])
+    return dict(zip(steps, to_device(drawn, device).unbind(0), strict=True))
+
+
 def rollout(
     policy: Policy,
     sampler: Sampler,
@@ -83,24 +95,25 @@ def rollout(
     """Integrate from ``noise`` at t = timesteps[0] to timesteps[-1] with the active weights.
 
     Stochastic steps draw their noise from ``generator``, so a seeded generator makes the whole
-    trajectory reproducible. ``track_grad`` keeps the autograd graph through every step (direct reward
+    trajectory reproducible. The loop runs on the policy's device: the initial noise, the times and every
+    step's noise (drawn up front, in step order, from the CPU generator) move there once, and nothing is read
+    back to the host. ``track_grad`` keeps the autograd graph through every step (direct reward
     backprop); by default sampling runs without one. ``window``: ``sampler`` only inside it (see
     :class:`Window`).
     """
-    x = noise
+    device = policy_device(policy)
+    x, timesteps = to_device(noise, device), to_device(timesteps, device)
     kept = range(len(timesteps)) if window is None else range(window.start, window.end + 1)
     latents, log_probs = [x] if 0 in kept else [], []
     history: History | None = None
     batch = x.shape[0]
+    samplers = [sampler if window is None else window.sampler_at(k, sampler) for k in range(len(timesteps) - 1)]
+    step_noises = draw_step_noises(samplers, x.shape, generator, device)
     with torch.set_grad_enabled(track_grad):
-        for k in range(len(timesteps) - 1):
+        for k, step_sampler in enumerate(samplers):
             t, t_next = timesteps[k], timesteps[k + 1]
-            step_sampler = sampler if window is None else window.sampler_at(k, sampler)
             v = guided_velocity(policy, x, t.expand(batch), cond, uncond, guidance_scale)
-            step_noise = None
-            if step_sampler.stochastic:
-                step_noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
-            transition = step_sampler.step(v, x, t, t_next, noise=step_noise, history=history)
+            transition = step_sampler.step(v, x, t, t_next, noise=step_noises.get(k), history=history)
             if step_sampler.stochastic and keep_trajectory:
                 log_probs.append(step_sampler.log_prob(transition.x_next, transition))
             history = History(transition.x0_pred, t)

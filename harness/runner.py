@@ -112,10 +112,10 @@ def load_policy(suite: Suite, processes: Processes = SINGLE) -> Policy:
 
 def load_model(model: ModelSpec, model_config: Any, processes: Processes = SINGLE) -> Policy:
     """:func:`load_policy` from a checked ``model`` section and its policy config (``check_model``'s pair)."""
+    device = resolve_device(model.device)
+    if processes.world_size > 1 and device.startswith("cuda"):
+        device = str(processes.device)
     if model.kind in ("sd3", "flux"):
-        device = resolve_device(model.device)
-        if processes.world_size > 1 and device.startswith("cuda"):
-            device = str(processes.device)
         if model.kind == "flux":
             from harness.policies import flux
 
@@ -126,7 +126,7 @@ def load_model(model: ModelSpec, model_config: Any, processes: Processes = SINGL
         return sd3.SD3Policy.from_pretrained(model.checkpoint or sd3.DEFAULT_MODEL, model_config, device=device)
     from benchmarks.shapes.checkpoint import load_shapes_policy
 
-    return load_shapes_policy(Path(model.checkpoint) if model.checkpoint else None)
+    return load_shapes_policy(Path(model.checkpoint) if model.checkpoint else None).to(device)
 
 
 def cell_dir(out: Path, label: str, seed: int) -> Path:

@@ -54,8 +54,12 @@ class History:
 
 
 def _per_sample(t: Tensor | float, like: Tensor) -> Tensor:
-    """Broadcast a scalar or (B,) time to (B, 1, ..., 1) in fp32."""
-    t = torch.as_tensor(t, dtype=torch.float32, device=like.device)
+    """Broadcast a scalar or (B,) time to (B, 1, ..., 1) in fp32, on ``like``'s device (a number is filled in
+    there, never copied from the host)."""
+    if isinstance(t, Tensor):
+        t = t.to(like.device, torch.float32, non_blocking=True)
+    else:
+        t = torch.full((), t, dtype=torch.float32, device=like.device)
     if t.ndim == 0:
         t = t.expand(like.shape[0])
     return t.reshape(-1, *([1] * (like.ndim - 1)))
@@ -134,7 +138,9 @@ class DPMSolverPP2M:
     ``x_next = (σ_next/σ)·x − α_next·(e^{−h} − 1)·D``, where ``D = x̂0`` on the first step and
     ``D = (1 + 1/(2r))·x̂0 − 1/(2r)·x̂0_prev`` (r = h_prev/h) after it. As in DiffusionNFT's
     ``dpm2`` solver, the first step (t = 1, λ = −∞) and the last step (t_next = 0) are DDIM
-    steps, which equal Euler for rectified flow; the last returns x̂0.
+    steps, which equal Euler for rectified flow; the last returns x̂0. Which step is which is chosen per sample
+    on the device (``torch.where``, no host sync); the second-order value of such a sample is not finite and
+    is discarded, so no gradient may flow through a DPM step.
     """
 
     name: ClassVar[str] = "dpm2"
@@ -148,16 +154,16 @@ class DPMSolverPP2M:
              noise: Tensor | None = None, history: History | None = None) -> Transition:  # fmt: skip
         t_, t_next_ = _per_sample(t, x), _per_sample(t_next, x)
         x0_pred = x - t_ * v
-        first, last = bool((t_ >= 1).all()), bool((t_next_ <= 0).all())
-        if first or last or history is None:
-            return _deterministic(x + (t_next_ - t_) * v, x0_pred)
+        euler = x + (t_next_ - t_) * v
+        if history is None:
+            return _deterministic(euler, x0_pred)
         t_prev = _per_sample(history.t, x)
         lam, lam_next, lam_prev = self._lambda(t_), self._lambda(t_next_), self._lambda(t_prev)
         h, h_prev = lam_next - lam, lam - lam_prev
         r = h_prev / h
         d = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * history.x0_pred
         x_next = (t_next_ / t_) * x - (1 - t_next_) * torch.expm1(-h) * d
-        return _deterministic(x_next, x0_pred)
+        return _deterministic(torch.where((t_ >= 1) | (t_next_ <= 0), euler, x_next), x0_pred)
 
     def log_prob(self, x_next: Tensor, transition: Transition) -> Tensor:
         raise TypeError("DPM-Solver++(2M) is deterministic: it has no transition log-prob (use flow_sde or cps)")

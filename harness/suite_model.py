@@ -35,7 +35,7 @@ class ModelSpec:
     finetune: Literal["full", "lora"] | None = None  # None: the kind's only mode (tiny_dit full, sd3/flux lora)
     # sd3: fields of SD3PolicyConfig (lora: SD3LoRAConfig); flux: of FluxPolicyConfig (lora: FluxLoRAConfig)
     options: dict[str, Any] = field(default_factory=dict)
-    device: str = "auto"  # sd3/flux: auto (cuda if available, else cpu), cpu, cuda or cuda:N; tiny DiT: the CPU
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda or cuda:N (tiny DiT on CUDA: docs/shapes.md)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,10 +71,7 @@ def check_model(model: ModelSpec) -> tuple[ModelSpec, Any]:
             f"suite.model.options = {model.options!r}: options configure kind 'sd3' (SD3PolicyConfig) and kind "
             "'flux' (FluxPolicyConfig); the tiny DiT takes none, so drop them"
         )
-    if model.device not in ("auto", "cpu"):
-        raise ConfigError(
-            f"suite.model.device = {model.device!r}: the tiny DiT runs on the CPU; allowed: 'auto', 'cpu'"
-        )
+    _check_device(model.device)
     if model.checkpoint is not None and not Path(model.checkpoint).is_dir():
         raise ConfigError(f"suite.model.checkpoint = {model.checkpoint!r} is not a checkpoint folder")
     return dataclasses.replace(model, finetune="full"), None
@@ -128,7 +125,22 @@ def _check_lora_pipeline(
             f"default: {default_id!r}"
         )
     _check_device(model.device)
+    _check_attention_device(cfg.attention_backend, model.device)
     return dataclasses.replace(model, checkpoint=checkpoint, finetune="lora"), cfg
+
+
+# The attention backends that run on the CPU (torch's default SDPA and its math kernel); the others need CUDA.
+CPU_ATTENTION_BACKENDS = ("native", "_native_math")
+
+
+def _check_attention_device(backend: str | None, device: str) -> None:
+    """``options.attention_backend`` (already checked against diffusers' names) can run on ``model.device``."""
+    if backend is None or backend in CPU_ATTENTION_BACKENDS or resolve_device(device) != "cpu":
+        return
+    raise ConfigError(
+        f"suite.model.options.attention_backend = {backend!r} needs a CUDA device, but suite.model.device = "
+        f"{device!r} runs on the CPU; use attention_backend: null (or {', '.join(CPU_ATTENTION_BACKENDS)}) there"
+    )
 
 
 # FLUX.1-dev's scheduler/scheduler_config.json, and its VAE's downsampling (4 blocks: 2³): all that validation

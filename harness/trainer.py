@@ -39,9 +39,9 @@ from harness.budget import Budget
 from harness.compute import PHASES, CountingPolicy, Ledger
 from harness.distributed import SINGLE, Processes
 from harness.evaluate import EvalOutput, EvalSettings, evaluate_policy
-from harness.fsdp import shard_policy
+from harness.fsdp import shard_policy, zero_missing_gradients
 from harness.optim import OptimConfig, Optimization, method_ema_settings
-from harness.policy import Policy
+from harness.policy import Policy, synchronize, to_device
 from harness.resume import LoopState, load_checkpoint, save_checkpoint
 from harness.samplers import SAMPLERS, Sampler, make_sampler
 from harness.seeding import generator, numpy_rng
@@ -110,16 +110,19 @@ def build_method(
     A method that backpropagates through the reward (``capabilities.needs_differentiable_reward``) is
     handed the training reward, which must be differentiable; every other method only sees the loop's
     scores. With several processes the optimizer averages gradients over them before each step (under
-    FSDP the backward pass does).
+    FSDP the backward pass does, and a parameter left without a gradient steps on zeros in both cases).
     """
     name = label or method_cls.__name__
     config_cls: Any = method_cls.Config  # (typed as a bare type, isinstance would narrow method_cfg to object)
     if not isinstance(method_cfg, config_cls):
         raise TypeError(f"method {name!r} takes a {config_cls.__name__}, got {type(method_cfg).__name__}")
-    sync = processes.average_gradients if processes.world_size > 1 and not processes.fsdp else None
-    optim = Optimization(
-        policy.trainable_parameters(), optim_cfg, gradient_sync=sync, **method_ema_settings(method_cfg)
-    )
+    sync = processes.average_gradients if processes.world_size > 1 else None
+    if processes.fsdp:  # the backward averages; a step that no process ran a backward for still steps, as above
+        sync = zero_missing_gradients
+    optim = Optimization(  # loss checks once per step: no host sync per pass
+        policy.trainable_parameters(), optim_cfg, gradient_sync=sync, defer_loss_checks=True,
+        **method_ema_settings(method_cfg),
+    )  # fmt: skip
     if not method_cls.capabilities.needs_differentiable_reward:
         return method_cls(method_cfg, policy, optim), optim
     if reward is None or not reward.spec.differentiable:
@@ -295,29 +298,36 @@ class _Run:
         return int(self.processes.max([n])[0])
 
     def iterate(self, iteration: int, share: slice, batch_index: torch.Tensor) -> dict[str, Any]:
-        """One iteration: collect, decode, score, gather the rewards, update; returns its log row."""
-        loop, ledger, processes = self.loop, self.ledger, self.processes
+        """One iteration: collect, decode, score, gather the rewards, update; returns its log row.
+
+        Everything runs on the policy's device; the scores come back on the host (the reward checks them there)
+        and go to the device once. Each phase ends by waiting for its queued work, so its time is its own.
+        """
+        loop, ledger, processes, device = self.loop, self.ledger, self.processes, self.counted.device
         seconds_before_iteration = dict(ledger.seconds)
         prompts = self.benchmark.train_prompts(loop.prompts_per_iteration, self.prompt_rng)
         expanded = [p for p in prompts for _ in range(loop.images_per_prompt)]
-        group_ids = torch.arange(len(prompts)).repeat_interleave(loop.images_per_prompt)
+        group_ids = torch.arange(len(prompts), device=device).repeat_interleave(loop.images_per_prompt)
         rank_keys = processes.seed_keys  # distinct sampling and training noise per process
         with ledger.phase("sampling"):
             rollout = self.method.collect(
                 expanded[share], group_ids[share], generator(loop.seed, "collect", iteration, *rank_keys)
             )
             images = self.counted.decode(rollout.x0)
+            synchronize(device)
         with ledger.phase("reward"), torch.no_grad():  # scores only; reward-backprop methods re-score in update
-            rewards = check_scores(self.reward.spec.name, self.reward(images, expanded[share]), len(batch_index))
-            rewards = processes.gather(rewards)  # the whole batch's, for per-prompt statistics
+            scores = check_scores(self.reward.spec.name, self.reward(images, expanded[share]), len(batch_index))
+            scores = processes.gather(scores)  # the whole batch's, for per-prompt statistics
         if processes.world_size > 1:
             rollout = dataclasses.replace(rollout, batch_group_ids=group_ids, batch_index=batch_index,
                                           equal_passes=self.most_over_processes if processes.fsdp else None)  # fmt: skip
         with ledger.phase("training"):
+            rewards = to_device(scores, device)
             logs = self.method.update(rollout, rewards, generator(loop.seed, "update", iteration, *rank_keys))
+            synchronize(device)
         self.totals = summed_ledger(ledger, processes)
-        return {"iteration": iteration, "train/reward_mean": rewards.mean().item(),
-                "train/reward_std": rewards.std().item(), **logs, "compute/fwd_equiv": self.totals.fwd_equiv,
+        return {"iteration": iteration, "train/reward_mean": scores.mean().item(),
+                "train/reward_std": scores.std().item(), **logs, "compute/fwd_equiv": self.totals.fwd_equiv,
                 "time/elapsed": round(self.elapsed(), 3),
                 **{f"time/{p}_seconds": round(ledger.seconds[p] - seconds_before_iteration[p], 4)
                    for p in ("sampling", "reward", "training")}}  # fmt: skip
@@ -348,7 +358,8 @@ class _Run:
             dynamic_ncols=True,
         )  # fmt: skip
         finished = self.finished(state.iteration)
-        batch_index = torch.arange(loop.prompts_per_iteration * loop.images_per_prompt)[share]
+        samples = loop.prompts_per_iteration * loop.images_per_prompt
+        batch_index = torch.arange(samples, device=self.counted.device)[share]
         while not finished:
             iteration = state.iteration + 1
             row = self.iterate(iteration, share, batch_index)

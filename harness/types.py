@@ -74,10 +74,18 @@ class Reward(Protocol):
     def __call__(self, images: Tensor, prompts: Sequence[Prompt]) -> Tensor: ...
 
 
-def check_scores(name: str, scores: Tensor, batch: int) -> Tensor:
-    """Validate a reward's output: shape (B,), finite; raise :class:`RewardError` otherwise."""
+def check_score_shape(name: str, scores: Tensor, batch: int) -> Tensor:
+    """The float scores after checking their shape (B,), left where they are and not read back: for scores inside a
+    training pass, where a non-finite score makes a non-finite loss, which the optimizer refuses."""
     if scores.shape != (batch,):
         raise RewardError(f"reward {name!r} returned shape {tuple(scores.shape)}, expected ({batch},)")
+    return scores.float()
+
+
+def check_scores(name: str, scores: Tensor, batch: int) -> Tensor:
+    """Validate a reward's output: shape (B,), finite; raise :class:`RewardError` otherwise. Returns them on the
+    host, as float32."""
+    check_score_shape(name, scores, batch)
     if not torch.isfinite(scores).all():
         bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
         raise RewardError(f"reward {name!r} returned non-finite scores at batch positions {bad}")

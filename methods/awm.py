@@ -57,7 +57,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages
 from harness.optim import Optimization
-from harness.policy import Policy, WeightSet, iter_batches
+from harness.policy import Policy, WeightSet, iter_batches, to_device
 from harness.samplers import SAMPLERS, flow_schedule, make_sampler, noised
 from harness.types import Prompt
 from harness.validation import (
@@ -225,7 +225,7 @@ class AWM:
         """(sel, times (K,), noise (K, b, …)) per micro-batch of ``chunk``, from a generator seeded with ``seed``.
 
         Drawn identically on every call, so the old log-likelihoods (taken before the update) and the
-        training pass see the same (t, ε).
+        training pass see the same (t, ε); drawn on the CPU, moved to the chunk's device.
         """
         cfg, chunk_generator = self.cfg, torch.Generator().manual_seed(seed)
         draws = []
@@ -233,7 +233,7 @@ class AWM:
             sel = chunk[b]
             times = self.training_times(chunk_generator)
             noise = torch.randn((cfg.train_timesteps, len(sel), *shape), generator=chunk_generator)
-            draws.append((sel, times, noise))
+            draws.append((sel, to_device(times, chunk.device), to_device(noise, chunk.device)))
         return draws
 
     def _old_log_likelihoods(self, rollout: Rollout, chunks: list[Tensor], generator: torch.Generator) -> None:
@@ -263,7 +263,8 @@ class AWM:
         advantages = rollout.mine(advantages)
         shape = rollout.x0.shape[1:]
         logs = accumulate(
-            self.optim, torch.arange(len(advantages)), functools.partial(self._loss, rollout, advantages),
+            self.optim, torch.arange(len(advantages), device=advantages.device),
+            functools.partial(self._loss, rollout, advantages),
             generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration, batch_size=cfg.train_batch_size,
             repeats=cfg.train_timesteps, pad=rollout.shared, equal_passes=rollout.equal_passes,
             on_chunks=lambda chunks, g: self._old_log_likelihoods(rollout, chunks, g),
@@ -279,8 +280,9 @@ class AWM:
         """AWM's loss of one micro-batch at its ``batch.repeat``-th training time (a filler: its own draws)."""
         cfg, policy, k = self.cfg, self.policy, batch.repeat
         if batch.filler:
-            sel, times = batch.items, self.training_times(batch.generator)
+            sel, times = batch.items, to_device(self.training_times(batch.generator), batch.items.device)
             noise = torch.randn((cfg.train_timesteps, 1, *rollout.x0.shape[1:]), generator=batch.generator)
+            noise = to_device(noise, sel.device)
         else:
             sel, times, noise = batch.chunk_state[batch.index]
         log_prob, v_theta = self._terms(rollout, sel, times[k], noise[k])
@@ -297,7 +299,7 @@ class AWM:
                 ema_kl = _mean_sq(v_theta, self._terms(rollout, sel, times[k], noise[k])[1])
         loss = awm_loss(log_prob, old, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef,
                         ema_kl=ema_kl, ema_kl_coef=cfg.ema_kl_coef)  # fmt: skip
-        zero = torch.zeros((), dtype=torch.float64)
+        zero = torch.zeros((), dtype=torch.float64, device=log_prob.device)
         kl_mean = kl.mean() if kl is not None else zero
         ema_kl_mean = ema_kl.mean() if ema_kl is not None else zero
         ratio = torch.exp(log_prob.detach() - old)

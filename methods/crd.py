@@ -37,6 +37,7 @@ time. Deviations are marked ``# deviation:``.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode
 from harness.fsdp import full_tensors, local_like
 from harness.optim import Optimization
-from harness.policy import Policy, guided_velocity, iter_batches
+from harness.policy import Policy, guided_velocity, iter_batches, to_device
 from harness.samplers import flow_schedule, noised
 from harness.types import Prompt
 from harness.validation import (
@@ -63,9 +64,15 @@ from harness.validation import (
 )
 from methods.base import Capabilities, Rollout
 from methods.diffusion_nft import optimality_probability
-from methods.forward_process import check_sampler, collect_clean, group_members, make_collection_sampler
+from methods.forward_process import (
+    check_sampler,
+    collect_clean,
+    group_members,
+    group_members_on,
+    make_collection_sampler,
+)
 
-__all__ = ["CRD", "CRDConfig", "crd_loss", "decay_at", "implicit_reward", "reward_adaptive_kl"]
+__all__ = ["CRD", "CRDConfig", "crd_loss", "crd_loss_of_spans", "decay_at", "implicit_reward", "reward_adaptive_kl"]
 
 Decay = tuple[int, float, float, float]  # (start step, start value, slope, end value)
 
@@ -161,10 +168,8 @@ def _direction_weights(a: Tensor, weight_temp: float, sign: float) -> Tensor:
     """
     if weight_temp > 0:
         return torch.softmax(sign * a / weight_temp, dim=0)
-    side = sign * a > 0
-    if not side.any():
-        return torch.full_like(a, 1.0 / len(a))
-    return torch.softmax(a.masked_fill(~side, float("-inf")), dim=0)
+    side = sign * a > 0  # chosen on the device: an empty side's softmax (NaN) is discarded, never read back
+    return torch.where(side.any(), torch.softmax(a.masked_fill(~side, float("-inf")), dim=0), 1.0 / len(a))
 
 
 def crd_loss(
@@ -185,19 +190,33 @@ def crd_loss(
     """
     if r_theta.shape != a.shape or r_theta.ndim != 1:
         raise ValueError(f"r_theta {tuple(r_theta.shape)} and a {tuple(a.shape)} must both be (B,)")
-    sets = [torch.arange(len(a))] if group_index is None else group_members(group_index)
+    sets = [torch.arange(len(a), device=a.device)] if group_index is None else group_members(group_index)
     terms = torch.zeros_like(r_theta)
-    for members in sets:
-        r, a_s = r_theta[members], a[members]
-        if weight_temp < 0:
-            term = _centred_terms(r, a_s, torch.full_like(a_s, 1.0 / len(a_s)), beta=beta, loss_type=loss_type)
-        else:
-            up, down = (_direction_weights(a_s, weight_temp, sign) for sign in (1.0, -1.0))
-            term = 0.5 * _centred_terms(r, a_s, up, beta=beta, loss_type=loss_type) + 0.5 * _centred_terms(
-                r, a_s, down, beta=beta, loss_type=loss_type
-            )
+    for host_members in sets:
+        members = to_device(host_members, a.device)
+        term = _set_terms(r_theta[members], a[members], beta=beta, loss_type=loss_type, weight_temp=weight_temp)
         terms = terms.index_put((members,), term)
     return terms.mean()
+
+
+def crd_loss_of_spans(
+    r_theta: Tensor, a: Tensor, spans: Sequence[slice], *, beta: float, loss_type: Literal["mse", "bce"],
+    weight_temp: float,
+) -> Tensor:  # fmt: skip
+    """:func:`crd_loss` whose centring sets are consecutive ``spans`` covering the batch in order (a micro-batch
+    of whole groups): the same value, from slices, so that no group index is built or read back."""
+    terms = [_set_terms(r_theta[s], a[s], beta=beta, loss_type=loss_type, weight_temp=weight_temp) for s in spans]
+    return torch.cat(terms).mean()
+
+
+def _set_terms(r: Tensor, a_s: Tensor, *, beta: float, loss_type: str, weight_temp: float) -> Tensor:
+    """The per-sample terms of one centring set (see :func:`crd_loss`), (n,)."""
+    if weight_temp < 0:
+        return _centred_terms(r, a_s, torch.full_like(a_s, 1.0 / len(a_s)), beta=beta, loss_type=loss_type)
+    up, down = (_direction_weights(a_s, weight_temp, sign) for sign in (1.0, -1.0))
+    return 0.5 * _centred_terms(r, a_s, up, beta=beta, loss_type=loss_type) + 0.5 * _centred_terms(
+        r, a_s, down, beta=beta, loss_type=loss_type
+    )
 
 
 def reward_adaptive_kl(kl: Tensor, a: Tensor, *, kl_coef: float, kl_floor: float = 1e-4) -> Tensor:
@@ -256,16 +275,16 @@ class CRD:
     """
 
     Config: ClassVar[type] = CRDConfig
-    # fsdp=False: under FSDP2 the swap of the sampling copy θ_s into θ's sharded tensors gave losses 30% off the
-    # data-parallel run in tests/harness/test_fsdp.py; launch CRD data-parallel until that is fixed.
     capabilities: ClassVar[Capabilities] = Capabilities(
-        needs_whole_groups=True, guidance_fields=("kl_cfg", "guidance_scale"), sampler_field="sampler", fsdp=False
+        needs_whole_groups=True, guidance_fields=("kl_cfg", "guidance_scale"), sampler_field="sampler"
     )
 
     def __init__(self, cfg: CRDConfig, policy: Policy, optim: Optimization) -> None:
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = make_collection_sampler(cfg.sampler, cfg.noise_level)
         self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        valid = (self.schedule[:-1] >= 1 - cfg.timestep_fraction - 1e-6).nonzero().flatten()
+        self._time_range = int(valid.min()), int(valid.max())  # the schedule indices training times are drawn from
         policy.update_old(0.0)  # "old" starts as θ
         self.sampling_model = ParameterSnapshot(policy.trainable_parameters())  # θ_s starts as θ
 
@@ -284,8 +303,7 @@ class CRD:
         """(K,) times, stratified over the schedule steps with t ≥ 1 − fraction, t = 1 included (official
         ``TimeSampler.discrete``: ``linspace`` strata truncated to integers, so the last step is never drawn)."""
         cfg, steps = self.cfg, self.schedule[:-1]
-        valid = (steps >= 1 - cfg.timestep_fraction - 1e-6).nonzero().flatten()
-        bounds = torch.linspace(int(valid.min()), int(valid.max()), cfg.train_timesteps + 1)
+        bounds = torch.linspace(*self._time_range, cfg.train_timesteps + 1)
         lower, upper = bounds[:-1].long(), bounds[1:].long()
         index = lower + (torch.rand(cfg.train_timesteps, generator=generator) * (upper - lower)).long()
         return steps[index]
@@ -293,13 +311,14 @@ class CRD:
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg = self.cfg
         a = rollout.mine(optimality_probability(rewards, rollout.all_group_ids, cfg.adv_clip_max, cfg.std))
-        groups = group_members(rollout.group_ids)  # this process's whole groups
+        groups = group_members_on(rollout.group_ids, a.device)  # this process's whole groups
+        # The items index the host list of groups (on the CPU); each chunk's are read once, with its times.
         logs = accumulate(self.optim, torch.arange(len(groups)), functools.partial(self._loss, rollout, a, groups),
                           generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,
                           batch_size=cfg.train_batch_size, repeats=cfg.train_timesteps, pad=rollout.shared,
                           equal_passes=rollout.equal_passes,
-                          on_chunk=lambda _, chunk, g: [self.training_times(g) for _ in
-                                                        iter_batches(len(chunk), cfg.train_batch_size)])  # fmt: skip
+                          on_chunk=lambda _, chunk, g: (chunk.tolist(), [to_device(self.training_times(g), a.device)
+                                                        for _ in iter_batches(len(chunk), cfg.train_batch_size)]))  # fmt: skip
         step = self.optim.global_step
         old_decay, sampler_decay = decay_at(step, cfg.old_decay), decay_at(step, cfg.sampler_decay)
         self.policy.update_old(old_decay)
@@ -324,17 +343,22 @@ class CRD:
         self, rollout: Rollout, a_all: Tensor, groups: list[Tensor], batch: MicroBatch
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """CRD's loss of one micro-batch of whole groups at its ``batch.repeat``-th training time."""
-        cfg, members = self.cfg, [groups[int(g)] for g in batch.items]
+        cfg, (items, times_per_batch) = self.cfg, batch.chunk_state
+        members = [groups[g] for g in ([0] if batch.filler else items[batch.positions])]  # a filler: local group 0
         sel = torch.cat(members)
-        group_index = torch.arange(len(members)).repeat_interleave(torch.tensor([len(m) for m in members]))
-        times = self.training_times(batch.generator) if batch.filler else batch.chunk_state[batch.index]
+        ends = list(itertools.accumulate(len(m) for m in members))
+        spans = [slice(end - len(m), end) for m, end in zip(members, ends, strict=True)]  # each group's rows of sel
+        if batch.filler:
+            times = to_device(self.training_times(batch.generator), sel.device)
+        else:
+            times = times_per_batch[batch.index]
         x0, t = rollout.x0[sel], times[batch.repeat].expand(len(sel))
-        noise = torch.randn(x0.shape, generator=batch.generator).to(x0)
+        noise = to_device(torch.randn(x0.shape, generator=batch.generator), x0.device).to(x0.dtype)
         v = self._velocities(noised(x0, noise, t), t, rollout, sel)
         r_theta = implicit_reward(v["theta"], v["old"], x0, noise, adaptive=cfg.adaptive_weighting)
         a = a_all[sel]
-        centred = crd_loss(r_theta, a, group_index if cfg.centering == "group" else None, beta=cfg.beta,
-                           loss_type=cfg.loss_type, weight_temp=cfg.weight_temp)  # fmt: skip
+        centred = crd_loss_of_spans(r_theta, a, spans if cfg.centering == "group" else [slice(0, len(sel))],
+                                    beta=cfg.beta, loss_type=cfg.loss_type, weight_temp=cfg.weight_temp)  # fmt: skip
         policy_loss = centred * cfg.adv_clip_max / cfg.beta
         kl = _mean_nonbatch((v["theta"] - v["ref"]) ** 2) if cfg.kl_coef > 0 else torch.zeros_like(a)
         if cfg.reward_adaptive_kl:

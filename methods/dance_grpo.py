@@ -47,7 +47,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import group_means
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
 from harness.rollout import Trajectory, Window, rollout
 from harness.samplers import DanceSDE, flow_schedule
 from harness.types import Prompt
@@ -117,9 +117,10 @@ def initial_noise(
     group, in first-appearance order, repeated for its images."""
     if not same_per_group:
         return torch.randn((len(group_ids), *sample_shape), generator=generator)
-    slots = {g: i for i, g in enumerate(dict.fromkeys(group_ids.tolist()))}
+    ids = group_ids.tolist()  # one read per collection
+    slots = {g: i for i, g in enumerate(dict.fromkeys(ids))}
     per_group = torch.randn((len(slots), *sample_shape), generator=generator)
-    return per_group[torch.tensor([slots[g] for g in group_ids.tolist()], dtype=torch.long)]
+    return per_group[torch.tensor([slots[g] for g in ids], dtype=torch.long)]
 
 
 def training_transitions(batch: int, transitions: int, keep: int, generator: torch.Generator) -> Tensor:
@@ -133,16 +134,14 @@ class DanceGRPO:
     """DanceGRPO on the common interface (see the module docstring)."""
 
     Config: ClassVar[type] = DanceGRPOConfig
-    # fsdp=False: its FSDP run's second-iteration logs differ from the data-parallel run's by ~1e-3 relative
-    # (tests/harness/test_fsdp.py asks 1e-4); not yet explained, so FSDP is refused until it is.
     capabilities: ClassVar[Capabilities] = Capabilities(
-        needs_log_prob=True, needs_whole_groups=True, guidance_fields=("guidance_scale",), fsdp=False
+        needs_log_prob=True, needs_whole_groups=True, guidance_fields=("guidance_scale",)
     )
 
     def __init__(self, cfg: DanceGRPOConfig, policy: Policy, optim: Optimization) -> None:
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = DanceSDE(cfg.noise_level)
-        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
 
     def _uncond(self, n: int) -> Cond | None:
         return self.policy.encode([""] * n) if self.cfg.guidance_scale != 1.0 else None
@@ -164,8 +163,9 @@ class DanceGRPO:
         advantages = dance_advantages(rewards, rollout.all_group_ids).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         advantages = rollout.mine(advantages)
         steps = training_transitions(len(advantages), trajectory.log_probs.shape[1], cfg.trained_transitions, generator)
+        steps = to_device(steps, advantages.device)
         logs = {"train/advantage_abs_mean": advantages.abs().mean().item()}
-        logs |= accumulate(self.optim, torch.arange(len(advantages)),
+        logs |= accumulate(self.optim, torch.arange(len(advantages), device=advantages.device),
                            functools.partial(self._loss, trajectory, rollout.cond, advantages, steps),
                            generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,
                            batch_size=cfg.train_batch_size, repeats=cfg.trained_transitions, pad=rollout.shared,

@@ -41,7 +41,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages
 from harness.optim import Optimization
-from harness.policy import Policy, WeightSet, guided_velocity
+from harness.policy import Policy, WeightSet, guided_velocity, to_device
 from harness.samplers import flow_schedule, noised
 from harness.types import Prompt
 from harness.validation import check_at_least, check_literals, check_non_negative, check_positive, require
@@ -50,7 +50,7 @@ from methods.forward_process import (
     check_sampler,
     collect_clean,
     flow_matching_error,
-    group_members,
+    group_members_on,
     make_collection_sampler,
 )
 
@@ -101,17 +101,20 @@ class DGPOConfig:
 
 
 def dgpo_group_weights(
-    err_theta: Tensor, err_ref: Tensor, advantages: Tensor, group_index: Tensor, *, beta: float
-) -> Tensor:
+    err_theta: Tensor, err_ref: Tensor, advantages: Tensor, group_index: Tensor, *, beta: float,
+    n_groups: int | None = None,
+) -> Tensor:  # fmt: skip
     """σ(S_g) for each sample's group, (B,): ``S_g = (β/G_g)·Σ_{i∈g} A_i·(ℓ_θ,i − ℓ_ref,i)`` on detached errors.
 
     ``group_index`` (B,) long in [0, n_groups); G_g is the group's size (the official divides by the configured
-    group size, the same for complete groups).
+    group size, the same for complete groups). ``n_groups``: their number, when the caller knows it (otherwise
+    it is read back from ``group_index``).
     """
     delta = (err_theta.detach() - err_ref.detach()).double()
-    n_groups = int(group_index.max()) + 1
-    sizes = torch.bincount(group_index, minlength=n_groups).double()
-    sums = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, advantages.double() * delta)
+    n_groups = int(group_index.max()) + 1 if n_groups is None else n_groups
+    zeros = torch.zeros(n_groups, dtype=torch.float64, device=group_index.device)
+    sizes = zeros.index_add(0, group_index, torch.ones_like(delta))  # counted where they are, not read back
+    sums = zeros.index_add(0, group_index, advantages.double() * delta)
     return torch.sigmoid(beta * sums / sizes)[group_index].float()
 
 
@@ -130,12 +133,14 @@ def dgpo_loss(
     *,
     beta: float,
     clipped: Tensor | None = None,
+    n_groups: int | None = None,
 ) -> Tensor:
     """DGPO's loss in the official gradient form, ``mean_i sg(σ(S_g(i)))·A_i·ℓ_θ,i`` (its gradient is
     ``∇ mean_g −log σ(−S_g)`` divided by β). Scalar; all inputs (B,). ``clipped`` samples keep their value but
-    pass no gradient (official ``clip_dsm``); σ(S_g) uses every sample's error, clipped or not.
+    pass no gradient (official ``clip_dsm``); σ(S_g) uses every sample's error, clipped or not. ``n_groups``: as
+    :func:`dgpo_group_weights`.
     """
-    weights = dgpo_group_weights(err_theta, err_ref, advantages, group_index, beta=beta)
+    weights = dgpo_group_weights(err_theta, err_ref, advantages, group_index, beta=beta, n_groups=n_groups)
     trained = err_theta if clipped is None else torch.where(clipped, err_theta.detach(), err_theta)
     return (weights * advantages * trained).mean()
 
@@ -159,6 +164,12 @@ class DGPO:
         return collect_clean(self.policy, self.sampler, self.schedule, prompts, group_ids, generator,
                              guidance_scale=self.cfg.guidance_scale, weights=weights)  # fmt: skip
 
+    def _start_chunk(self, c: int, chunk: Tensor, _: torch.Generator) -> list[int]:
+        """Before each optimizer step but the first, step "old" (official ``ema_ref``); the chunk's items."""
+        if c > 0:
+            self._update_old()
+        return chunk.tolist()
+
     def _update_old(self) -> float:
         """The official ``ema_ref`` step after an optimizer step (its decay uses the step count before it)."""
         decay = min(self.cfg.old_decay_max, self.cfg.old_decay_rate * (self.optim.global_step - 1))
@@ -169,14 +180,15 @@ class DGPO:
         cfg = self.cfg
         advantages = group_advantages(rewards, rollout.all_group_ids, std=cfg.std)
         advantages = rollout.mine(advantages.clamp(-cfg.adv_clip_max, cfg.adv_clip_max))
-        groups = group_members(rollout.group_ids)  # this process's whole groups
+        groups = group_members_on(rollout.group_ids, advantages.device)  # this process's whole groups
         order = torch.randperm(cfg.trunc_steps + 1, generator=generator)[: cfg.train_timesteps]
-        times = self.schedule[order]  # shared by every sample of this update (official: by every GPU)
+        times = to_device(self.schedule[order], advantages.device)  # every sample's this update (official: every GPU's)
         loss_fn = functools.partial(self._loss, rollout, advantages, groups, times)
+        # The items index the host list of groups (on the CPU); each chunk's are read once, as it starts.
         logs = accumulate(self.optim, torch.arange(len(groups)), loss_fn, generator=generator,
                           optimizer_steps=cfg.optimizer_steps_per_iteration, batch_size=cfg.train_batch_size,
                           repeats=cfg.train_timesteps, pad=rollout.shared, equal_passes=rollout.equal_passes,
-                          on_chunk=lambda c, _, __: self._update_old() if c > 0 else None)  # fmt: skip
+                          on_chunk=self._start_chunk)  # fmt: skip
         logs["train/old_decay"] = self._update_old()
         logs["train/sampled_with_old"] = float(self.optim.global_step > cfg.switch_ema_ref)
         return logs
@@ -199,24 +211,27 @@ class DGPO:
         self, rollout: Rollout, advantages: Tensor, groups: list[Tensor], times: Tensor, batch: MicroBatch
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """DGPO's loss of one micro-batch of whole groups at the update's ``batch.repeat``-th time."""
-        cfg, members = self.cfg, [groups[int(g)] for g in batch.items]
+        cfg = self.cfg
+        members = [groups[g] for g in ([0] if batch.filler else batch.chunk_state[batch.positions])]  # filler: 0
         sel = torch.cat(members)
-        group_index = torch.arange(len(members)).repeat_interleave(torch.tensor([len(m) for m in members]))
+        group_index = to_device(torch.tensor([g for g, m in enumerate(members) for _ in range(len(m))]), sel.device)
         x0, t = rollout.x0[sel], times[batch.repeat].expand(len(sel))
         shape = (len(members) if cfg.shared_noise else len(sel), *x0.shape[1:])
-        noise = torch.randn(shape, generator=batch.generator).to(x0)
+        noise = to_device(torch.randn(shape, generator=batch.generator), x0.device).to(x0.dtype)
         noise = noise[group_index] if cfg.shared_noise else noise
         v = self._velocities(noised(x0, noise, t), t, rollout, sel)
         err = {name: flow_matching_error(velocity, x0, noise) for name, velocity in v.items()}
         a = advantages[sel]
         clipped = dgpo_clip_mask(err["theta"], err["old"], a, clip_range=cfg.clip_range) if cfg.clip_dsm else None
-        policy_loss = dgpo_loss(err["theta"], err[cfg.reference], a, group_index, beta=cfg.beta, clipped=clipped)
-        kl = ((v["theta"] - v["ref"]) ** 2).mean() if cfg.kl_coef > 0 else torch.zeros(())
+        policy_loss = dgpo_loss(err["theta"], err[cfg.reference], a, group_index, beta=cfg.beta, clipped=clipped,
+                                n_groups=len(members))  # fmt: skip
+        zero = torch.zeros((), device=x0.device)
+        kl = ((v["theta"] - v["ref"]) ** 2).mean() if cfg.kl_coef > 0 else zero
         loss = policy_loss + cfg.kl_coef * kl
         return loss, {
             "loss": loss.detach(),
             "policy_loss": policy_loss.detach(),
             "kl": kl.detach(),
             "fm_error": err["theta"].detach().mean(),
-            "clipfrac": clipped.float().mean() if clipped is not None else torch.zeros(()),
+            "clipfrac": clipped.float().mean() if clipped is not None else zero,
         }

@@ -47,7 +47,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages
 from harness.optim import Optimization
-from harness.policy import Policy
+from harness.policy import Policy, to_device
 from harness.rollout import rollout
 from harness.samplers import SAMPLERS, flow_schedule, make_sampler, noised
 from harness.types import Prompt
@@ -242,11 +242,12 @@ class DiffusionNFT:
         )
         logs: dict[str, float] = {"train/r_mean": r.mean().item()}
         # Each optimizer step's chunk draws its samples' K training times first (official order), then the passes.
-        logs |= accumulate(self.optim, torch.arange(rollout.x0.shape[0]), functools.partial(self._loss, rollout, r),
+        items = torch.arange(rollout.x0.shape[0], device=rollout.x0.device)
+        logs |= accumulate(self.optim, items, functools.partial(self._loss, rollout, r),
                            generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,
                            batch_size=cfg.train_batch_size, repeats=cfg.times_per_sample, pad=rollout.shared,
                            equal_passes=rollout.equal_passes,
-                           on_chunk=lambda _, chunk, g: self.training_times(len(chunk), g))  # fmt: skip
+                           on_chunk=lambda _, chunk, g: to_device(self.training_times(len(chunk), g), chunk.device))  # fmt: skip
         eta = soft_update_eta(self.optim.global_step, cfg.decay_type)
         self.policy.update_old(eta)
         logs["train/eta"] = eta
@@ -255,9 +256,9 @@ class DiffusionNFT:
     def _loss(self, rollout: Rollout, r: Tensor, batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
         """The NFT loss of one micro-batch at its samples' ``batch.repeat``-th training time."""
         cfg, policy, sel = self.cfg, self.policy, batch.items
-        times = self.training_times(1, batch.generator) if batch.filler else batch.chunk_state
+        times = to_device(self.training_times(1, batch.generator), sel.device) if batch.filler else batch.chunk_state
         x0, t = rollout.x0[sel], times[batch.positions, batch.repeat]
-        x_t = noised(x0, torch.randn(x0.shape, generator=batch.generator), t)
+        x_t = noised(x0, to_device(torch.randn(x0.shape, generator=batch.generator), x0.device), t)
         cond = rollout.cond[sel]
         with torch.no_grad(), policy.use_weights("old"):
             v_old = policy.velocity(x_t, t, cond)

@@ -45,10 +45,10 @@ from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
-from harness.policy import Cond, Policy
+from harness.policy import Cond, Policy, policy_device, to_device
 from harness.rollout import Trajectory, rollout
 from harness.samplers import flow_schedule, make_sampler, noised
-from harness.types import Prompt, Reward, check_scores
+from harness.types import Prompt, Reward, check_score_shape
 from harness.validation import check_at_least, check_finite, check_literals, check_positive
 from methods.base import Capabilities, Rollout
 
@@ -139,7 +139,7 @@ class DRaFT:
             )
         self.cfg, self.policy, self.optim, self.reward = cfg, policy, optim, reward
         self.sampler = make_sampler(cfg.sampler)
-        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
 
     def _uncond(self, n: int) -> Cond | None:
         return self.policy.encode([""] * n) if self.cfg.guidance_scale != 1.0 else None
@@ -164,7 +164,8 @@ class DRaFT:
         if cfg.lv_samples:  # DRaFT-LV: n fresh noisings of sg(x0) to the last step's time, one step each
             rows = sel.repeat_interleave(cfg.lv_samples)
             t_last = schedule[-2].expand(len(rows))
-            start = noised(rollout_.x0[rows], torch.randn(rollout_.x0[rows].shape, generator=generator), t_last)
+            noise = to_device(torch.randn(rollout_.x0[rows].shape, generator=generator), t_last.device)
+            start = noised(rollout_.x0[rows], noise, t_last)
             times = schedule[-2:]
         elif cfg.truncation == "last_k":  # DRaFT-K: the stored state K steps before the end
             assert rollout_.trajectory is not None and rollout_.trajectory.latents is not None
@@ -173,7 +174,7 @@ class DRaFT:
         else:  # ReFL: a random late step s, then x̂0 = x_s − t_s·v in one Euler step to t = 0
             assert rollout_.trajectory is not None and rollout_.trajectory.latents is not None
             first, last = cfg.refl_steps()
-            step = int(torch.randint(first, last, (1,), generator=generator))
+            step = int(torch.randint(first, last, (1,), generator=generator))  # a CPU draw: no device sync
             start = rollout_.trajectory.latents[sel, step - first]
             times = torch.stack([schedule[step], schedule[-1]])
         with self.policy.use_weights("train"):
@@ -183,17 +184,21 @@ class DRaFT:
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg = self.cfg
-        return accumulate(self.optim, torch.arange(len(rollout.prompts)), functools.partial(self._loss, rollout),
+        items = torch.arange(len(rollout.prompts), device=rollout.x0.device)
+        # Each chunk's items are read back once, as it starts, for the prompts the reward scores with.
+        return accumulate(self.optim, items, functools.partial(self._loss, rollout),
                           generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,
-                          batch_size=cfg.train_batch_size, pad=rollout.shared,
-                          equal_passes=rollout.equal_passes)  # fmt: skip
+                          batch_size=cfg.train_batch_size, pad=rollout.shared, equal_passes=rollout.equal_passes,
+                          on_chunk=lambda _, chunk, __: chunk.tolist())  # fmt: skip
 
     def _loss(self, rollout: Rollout, batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor | float]]:
         """Re-run the gradient steps of one micro-batch, decode, score with the training reward: the reward loss."""
         cfg = self.cfg
         x0_hat, rows, step = self._regenerate(rollout, batch.items, batch.generator)
-        prompts = [rollout.prompts[i] for i in rows.tolist()]
-        scores = check_scores(self.reward.spec.name, self.reward(self.policy.decode(x0_hat), prompts), len(rows))
+        items = [0] if batch.filler else batch.chunk_state[batch.positions]  # rows, read back with the chunk
+        prompts = [rollout.prompts[i] for i in items for _ in range(cfg.lv_samples or 1)]
+        scores = self.reward(self.policy.decode(x0_hat), prompts)
+        scores = check_score_shape(self.reward.spec.name, scores, len(rows))  # finiteness: the optimizer's check
         loss = cfg.loss_scale * reward_loss(scores, cfg.loss, cfg.refl_margin)
         # first_grad_step: the step the gradient starts at (ReFL: the mean of its random stop steps)
         return loss, {"loss": loss.detach(), "reward_rerun": scores.detach().mean(), "first_grad_step": float(step)}

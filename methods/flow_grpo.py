@@ -43,7 +43,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages, zero_std_groups
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
 from harness.rollout import Trajectory, rollout
 from harness.samplers import FlowSDE, Transition, flow_schedule
 from harness.types import Prompt
@@ -108,7 +108,8 @@ def zero_advantage_filter(
         dropped = (~mask).nonzero().flatten()
         missing = multiple - count % multiple
         if len(dropped) >= missing:
-            mask[dropped[torch.randperm(len(dropped), generator=generator)[:missing]]] = True
+            chosen = torch.randperm(len(dropped), generator=generator)[:missing]
+            mask[dropped[to_device(chosen, dropped.device)]] = True
     return mask
 
 
@@ -118,7 +119,8 @@ def kept_samples(
 ) -> tuple[Tensor, Tensor, bool, dict[str, float]]:  # fmt: skip
     """The GRPO batch every GRPO-family update starts from: this process's clipped group-relative advantages,
     its trained samples under ``rule`` (``"zero_advantage"`` or ``"zero_std_groups"``), whether the whole batch
-    has none (every process then skips its step), and the filter's logs."""
+    has none (every process then skips its step), and the filter's logs. The filter depends on the rewards, so
+    its counts are read back here, once per iteration, before the inner loop."""
     advantages = group_advantages(rewards, rollout.all_group_ids, std=std).clamp(-adv_clip_max, adv_clip_max)
     tied = zero_std_groups(rewards, rollout.all_group_ids)
     if rule == "zero_advantage":
@@ -157,7 +159,7 @@ def grpo_logs(
     loss: Tensor, log_prob: Tensor, old_log_prob: Tensor, kl: Tensor | None, *, kl_coef: float, clip_range: float
 ) -> dict[str, Tensor]:
     """The diagnostics of one GRPO pass: policy loss (KL term removed), KL, approx. KL (k2) and clip fraction."""
-    kl_mean = kl.detach().mean() if kl is not None else torch.zeros(())
+    kl_mean = kl.detach().mean() if kl is not None else torch.zeros((), device=loss.device)
     delta = log_prob.detach() - old_log_prob
     return {
         "policy_loss": loss.detach() - kl_coef * kl_mean,
@@ -191,7 +193,7 @@ class FlowGRPO:
             log.warning("rollout_cfg %s != train_cfg %s: the first ratio will not be 1", cfg.rollout_cfg, cfg.train_cfg)
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = FlowSDE(cfg.noise_level)
-        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
         self._first_check = False  # check_on_policy: the next real pass checks its ratio
 
     def _uncond(self, n: int) -> Cond | None:

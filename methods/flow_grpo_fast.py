@@ -43,7 +43,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, iter_batches
+from harness.policy import Cond, Policy, guided_velocity, iter_batches, policy_device, to_device
 from harness.rollout import Trajectory, Window, rollout
 from harness.samplers import Transition, flow_schedule, make_sampler
 from harness.types import Prompt
@@ -120,7 +120,7 @@ class FlowGRPOFast:
     def __init__(self, cfg: FlowGRPOFastConfig, policy: Policy, optim: Optimization) -> None:
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = make_sampler(cfg.sde_type, cfg.noise_level)  # the window's stochastic step
-        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
 
     def _uncond(self, n: int, scale: float) -> Cond | None:
         return self.policy.encode([""] * n) if scale != 1.0 else None

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
-from harness.policy import Policy, WeightSet
+from harness.policy import Policy, WeightSet, to_device
 from harness.rollout import rollout
 from harness.samplers import SAMPLERS, Sampler, flow_schedule, make_sampler, noised
 from harness.types import Prompt
@@ -100,6 +100,12 @@ def group_members(group_ids: Tensor) -> list[Tensor]:
     return [torch.tensor(members, dtype=torch.long) for members in seen.values()]
 
 
+def group_members_on(group_ids: Tensor, device: torch.device) -> list[Tensor]:
+    """:func:`group_members` on ``device``: one read of ``group_ids`` and one copy there (the groups are views)."""
+    members = group_members(group_ids)
+    return list(to_device(torch.cat(members), device).split([len(m) for m in members]))
+
+
 def train_weighted_flow_matching(
     policy: Policy,
     optim: Optimization,
@@ -137,14 +143,14 @@ def train_weighted_flow_matching(
     def loss_fn(batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
         sel = batch.items if batch.filler else indices[batch.items]  # a filler computes on local sample 0
         x0 = rollout_.x0[sel]
-        t = logit_normal_times(len(sel), batch.generator, shift)
-        noise = torch.randn(x0.shape, generator=batch.generator)
+        t = to_device(logit_normal_times(len(sel), batch.generator, shift), x0.device)
+        noise = to_device(torch.randn(x0.shape, generator=batch.generator), x0.device)
         v_theta = policy.velocity(noised(x0, noise, t), t, rollout_.cond[sel])
-        w = torch.zeros(1) if batch.filler else weights[batch.items] * batch.chunk_state
+        w = torch.zeros(1, device=x0.device) if batch.filler else weights[batch.items] * batch.chunk_state
         loss = weighted_flow_matching_loss(v_theta, x0, noise, w)
         return loss, {"loss": loss.detach(), "fm_error": flow_matching_error(v_theta.detach(), x0, noise).mean()}
 
-    return accumulate(optim, torch.arange(len(indices)), loss_fn, generator=generator, optimizer_steps=optimizer_steps,
+    return accumulate(optim, torch.arange(len(indices), device=indices.device), loss_fn, generator=generator, optimizer_steps=optimizer_steps,
                       batch_size=train_batch_size, repeats=draws_per_sample, pad=rollout_.shared,
                       equal_passes=rollout_.equal_passes, on_chunk=chunk_factor)  # fmt: skip
 

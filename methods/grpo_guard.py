@@ -39,10 +39,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from harness.accumulate import FILLER_ITEMS, MicroBatch, accumulate, micro_batch_positions
+from harness.accumulate import MicroBatch, accumulate, filler_items, micro_batch_positions
 from harness.advantages import StdMode
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
 from harness.rollout import Trajectory, rollout
 from harness.samplers import FlowSDE, Transition, flow_schedule
 from harness.types import Prompt
@@ -128,6 +128,15 @@ def grpo_guard_loss(
     """
     if (dt >= 0).any():
         raise ValueError(f"dt must be < 0 (t_next < t), got max {dt.max().item()}")
+    return _guard_loss(log_ratio, advantages, dt, clip_range=clip_range, reweight=reweight, kl=kl, kl_coef=kl_coef)
+
+
+def _guard_loss(
+    log_ratio: Tensor, advantages: Tensor, dt: Tensor, *, clip_range: float, reweight: bool, kl: Tensor | None,
+    kl_coef: float,
+) -> Tensor:  # fmt: skip
+    """:func:`grpo_guard_loss` without its check of ``dt``, which reads it back: the method's Δt come from its
+    schedule, decreasing by construction (``flow_schedule``)."""
     weight = 1.0 / (-dt.float()) if reweight else torch.ones_like(advantages)
     policy_loss = grpo_loss(log_ratio, torch.zeros_like(log_ratio), advantages * weight, clip_range=clip_range)
     return policy_loss + kl_coef * kl.mean() if kl is not None else policy_loss
@@ -144,7 +153,7 @@ class GRPOGuard:
     def __init__(self, cfg: GRPOGuardConfig, policy: Policy, optim: Optimization) -> None:
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = FlowSDE(cfg.noise_level)
-        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))  # decreasing: Δt < 0
         self._old_means: dict[tuple[int, int, int], Tensor] = {}  # (chunk, micro-batch, step) → μ_old
 
     def _uncond(self, n: int) -> Cond | None:
@@ -178,7 +187,7 @@ class GRPOGuard:
             for c, chunk in enumerate(chunks[1:], start=1):
                 positions_list = micro_batch_positions(len(chunk), cfg.train_batch_size, rollout_.equal_passes)
                 for b, positions in enumerate(positions_list):
-                    sel = FILLER_ITEMS if positions is None else chunk[positions]
+                    sel = filler_items(chunk.device) if positions is None else chunk[positions]
                     for j in range(cfg.train_steps):
                         mean = self._replay(latents, sel, j, rollout_.cond[sel])[1].mean
                         if positions is not None:
@@ -224,8 +233,8 @@ class GRPOGuard:
                 _, reference = self._replay(trajectory.latents, sel, j, cond)
             kl = gaussian_kl_mean(transition.mean, reference.mean, transition.sigma)
         dt = (self.schedule[j + 1] - self.schedule[j]).expand(len(sel))
-        loss = grpo_guard_loss(log_ratio, advantages[sel], dt, clip_range=cfg.clip_range, reweight=cfg.reweight,
-                               kl=kl, kl_coef=cfg.kl_coef)  # fmt: skip
+        loss = _guard_loss(log_ratio, advantages[sel], dt, clip_range=cfg.clip_range, reweight=cfg.reweight,
+                           kl=kl, kl_coef=cfg.kl_coef)  # fmt: skip
         logs = grpo_logs(loss, log_prob, old_log_prob, kl, kl_coef=cfg.kl_coef, clip_range=cfg.clip_range)
         ratio = torch.exp(log_ratio.detach())
         return loss, logs | {

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
 from harness.rollout import Trajectory, Window, rollout
 from harness.samplers import DPMSolverPP2M, EulerODE, flow_schedule, make_sampler
 from harness.types import Prompt
@@ -167,7 +167,7 @@ class MixGRPO:
     def __init__(self, cfg: MixGRPOConfig, policy: Policy, optim: Optimization) -> None:
         self.cfg, self.policy, self.optim = cfg, policy, optim
         self.sampler = make_sampler(cfg.sde_type, cfg.noise_level)
-        self.schedule = flow_schedule(cfg.num_steps, cfg.shift)
+        self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
         self.iteration = 0  # collections so far: where the window is (saved with checkpoints)
 
     def state_dict(self) -> dict[str, int]:
@@ -210,9 +210,9 @@ class MixGRPO:
         advantages = dance_advantages(rewards, rollout.all_group_ids).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
         advantages = rollout.mine(advantages)
         size = trajectory.log_probs.shape[1]
-        start = int((self.schedule == trajectory.timesteps[0]).nonzero()[0])
+        start = int((self.schedule == trajectory.timesteps[0]).nonzero()[0])  # one read per iteration
         logs = {"train/window_start": float(start), "train/window_size": float(size)}
-        logs |= accumulate(self.optim, torch.arange(len(advantages)),
+        logs |= accumulate(self.optim, torch.arange(len(advantages), device=advantages.device),
                            functools.partial(self._loss, trajectory, rollout.cond, advantages),
                            generator=generator, optimizer_steps=cfg.optimizer_steps_per_iteration,
                            batch_size=cfg.train_batch_size, repeats=size, pad=rollout.shared,

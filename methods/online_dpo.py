@@ -41,7 +41,7 @@ from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
-from harness.policy import Cond, Policy
+from harness.policy import Cond, Policy, to_device
 from harness.samplers import flow_schedule, noised
 from harness.types import Prompt
 from harness.validation import check_at_least, check_fraction, check_literals, check_non_negative, check_positive
@@ -139,8 +139,8 @@ class OnlineDPO:
     def _pair_errors(self, x0_w: Tensor, x0_l: Tensor, cond: Cond, generator: torch.Generator) -> tuple[Tensor, ...]:
         """FM errors of θ (with grad) and of the reference for one batch of pairs, same t and ε."""
         n = x0_w.shape[0]
-        t = logit_normal_times(n, generator, self.cfg.shift)
-        noise = torch.randn(x0_w.shape, generator=generator)
+        t = to_device(logit_normal_times(n, generator, self.cfg.shift), x0_w.device)
+        noise = to_device(torch.randn(x0_w.shape, generator=generator), x0_w.device)
         x0 = torch.cat([x0_w, x0_l])
         noise2, t2 = torch.cat([noise, noise]), torch.cat([t, t])
         x_t, cond2 = noised(x0, noise2, t2), Cond.cat([cond, cond])
@@ -163,17 +163,20 @@ class OnlineDPO:
         }
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
-        cfg = self.cfg
-        winners, losers = preference_pairs(rewards, rollout.all_group_ids, cfg.drop_tied_groups)
+        cfg, device = self.cfg, rewards.device
+        # The pairs depend on the rewards: chosen on the host, once per iteration, before the inner loop.
+        rewards, group_ids = rewards.cpu(), rollout.all_group_ids.cpu()
+        winners, losers = preference_pairs(rewards, group_ids, cfg.drop_tied_groups)
         logs: dict[str, float] = {"train/pairs": float(len(winners))}
         if len(winners) == 0:
             logs["train/skipped"] = 1.0  # every group tied and dropped: no preference, no step
             return logs
         logs["train/reward_margin"] = (rewards[winners] - rewards[losers]).mean().item()
         winners, losers = rollout.held(winners), rollout.held(losers)  # this process's pairs, local positions
+        winners, losers = to_device(winners, device), to_device(losers, device)
         step_before = self.optim.global_step
         loss_fn = functools.partial(self._pair_loss, rollout, winners, losers)
-        logs |= accumulate(self.optim, torch.arange(len(winners)), loss_fn, generator=generator,
+        logs |= accumulate(self.optim, torch.arange(len(winners), device=device), loss_fn, generator=generator,
                            optimizer_steps=cfg.optimizer_steps_per_iteration, batch_size=cfg.train_batch_size,
                            repeats=max(1, int(cfg.num_steps * cfg.timestep_fraction)), pad=rollout.shared,
                            equal_passes=rollout.equal_passes)  # fmt: skip

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from harness.optim import Optimization
-from harness.policy import Policy
+from harness.policy import Policy, to_device
 from harness.types import Prompt
 from harness.validation import check_at_least, check_literals
 from methods.base import Capabilities, Rollout
@@ -135,11 +135,14 @@ class RAFT:
         return self.core.collect(prompts, group_ids, generator)
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
-        chosen = top_k_mask(rewards, rollout.all_group_ids, self.cfg.top_k, self.cfg.ties)
-        kept = rollout.mine(chosen).nonzero().flatten()
+        device = rewards.device
+        # The top-k choice depends on the rewards: made on the host, once per iteration, before the inner loop.
+        rewards = rewards.cpu()
+        chosen = top_k_mask(rewards, rollout.all_group_ids.cpu(), self.cfg.top_k, self.cfg.ties)
+        kept = rollout.mine(to_device(chosen, device)).nonzero().flatten()
         # deviation: the zero-weight samples are not run (same loss and gradient; official: a pass on each).
         mean_over = rollout.x0.shape[0] if self.cfg.loss_mean == "all_samples" else None  # this process's samples
-        logs = self.core.train(rollout, kept, torch.ones(len(kept)), generator, mean_over=mean_over)
+        logs = self.core.train(rollout, kept, torch.ones(len(kept), device=device), generator, mean_over=mean_over)
         logs["train/kept_reward_mean"] = rewards[chosen].mean().item()
         logs["train/kept_fraction"] = chosen.float().mean().item()
         return logs

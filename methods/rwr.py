@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from harness.optim import Optimization
-from harness.policy import Policy
+from harness.policy import Policy, to_device
 from harness.types import Prompt
 from harness.validation import check_at_least, check_literals, check_positive
 from methods.base import Capabilities, Rollout
@@ -117,10 +117,12 @@ class RWR:
         return self.core.collect(prompts, group_ids, generator)
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
-        weights = rollout.mine(rwr_weights(rewards, rollout.all_group_ids, self.cfg.weights, self.cfg.temperature))
-        logs = self.core.train(rollout, torch.arange(len(weights)), weights, generator)
-        logs["train/weight_max"] = weights.max().item()
+        # The weights depend on the rewards (and refuse negative ones): made on the host, once per iteration.
+        weights = rwr_weights(rewards.cpu(), rollout.all_group_ids.cpu(), self.cfg.weights, self.cfg.temperature)
+        weights = rollout.mine(to_device(weights, rewards.device))
+        logs = self.core.train(rollout, torch.arange(len(weights), device=weights.device), weights, generator)
+        weight_max, total_sq, total = torch.stack([weights.max(), (weights**2).sum(), weights.sum()]).tolist()
+        logs["train/weight_max"] = weight_max
         # Effective sample size of the weights, as a fraction of the batch (1: uniform; 0 if every weight is 0).
-        total_sq = (weights**2).sum().item()
-        logs["train/weight_ess"] = (weights.sum().item() ** 2 / total_sq / len(weights)) if total_sq > 0 else 0.0
+        logs["train/weight_ess"] = (total**2 / total_sq / len(weights)) if total_sq > 0 else 0.0
         return logs

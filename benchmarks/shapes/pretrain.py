@@ -27,23 +27,26 @@ from tqdm.auto import tqdm
 
 from benchmarks.shapes.prompts import sample_prompts
 from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, Tokenizer, save_tiny_dit
+from harness.policies.tiny_unet import TinyUNet, TinyUNetConfig
 from harness.shapes_world.render import add_distractors, draw, layout
 from harness.shapes_world.world import VOCABULARY
 from harness.validation import check_at_least, check_finite, check_non_negative, check_positive, check_unit_interval
 
 log = logging.getLogger(__name__)
 
-BASE_ARCHITECTURE = TinyDiTConfig(vocabulary=VOCABULARY)  # the committed base's network
-# Issue 15's replacement (docs/shapes.md): x-prediction and a full-resolution conv stem/head, trained with
-# PretrainConfig(threads=1); it becomes BASE_ARCHITECTURE when its checkpoint replaces the committed base.
-CANDIDATE_ARCHITECTURE = TinyDiTConfig(vocabulary=VOCABULARY, prediction="x", conv_channels=24)
+RESUME_FILE = "resume.pt"  # the run's full state, next to its checkpoints
+
+# The committed base's network (issue 15): a conv U-Net; results/shapes_base/diagnosis.md says why not the DiT.
+BASE_ARCHITECTURE = TinyUNetConfig(vocabulary=VOCABULARY)
+# The base committed before issue 15: a patch-4 v-prediction DiT (PretrainConfig(steps=1500, caption_noise=0, threads=2)).
+DIT_ARCHITECTURE = TinyDiTConfig(vocabulary=VOCABULARY)
 
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
     """Pretraining budget and optimiser; the defaults produce the committed base checkpoint."""
 
-    steps: int = 1500
+    steps: int = 6000
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
@@ -52,16 +55,17 @@ class PretrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     distractor_rate: float = 0.0  # mean number of unmentioned objects per training image (Poisson)
+    caption_noise: float = 0.5  # probability that an image's caption describes another random scene (alt-text noise)
     t_logit_mean: float = 0.0  # training times t = sigmoid(N(mean, std²)) (SD3's logit-normal)
     t_logit_std: float = 1.0
     seed: int = 0
-    threads: int = 2  # fixed so that the CPU result does not depend on the machine's core count
+    threads: int = 1  # fixed so that the CPU result does not depend on the machine's core count
     save_every: int = 0  # also write step-k checkpoints into <out>/step_<k> (0: only the final one)
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "steps", "batch_size", "warmup_steps", "threads")
         check_non_negative(self, "weight_decay", "distractor_rate", "save_every")
-        check_unit_interval(self, "cond_dropout", "ema_decay")
+        check_unit_interval(self, "cond_dropout", "ema_decay", "caption_noise")
         check_positive(self, "lr", "grad_clip", "t_logit_std")
         check_finite(self, "t_logit_mean")
 
@@ -79,56 +83,164 @@ def _render(metadata: dict, rng: np.random.Generator, distractor_rate: float) ->
     return draw(objects)
 
 
+def training_captions(prompts: list[dict], rng: np.random.Generator, cfg: PretrainConfig) -> list[str]:
+    """Each image's caption: with probability ``caption_noise`` another random prompt (web alt-text is
+    often unrelated to its image), then dropped to the empty prompt with probability ``cond_dropout``.
+
+    Noisy captions make p(x | c) a mixture of the prompt's scenes and unrelated ones, as for a model
+    trained on web data: sampling without guidance follows the prompt only part of the time, while
+    CFG (which sharpens towards p(c | x)) brings out what the model knows. No draw is made when
+    ``caption_noise`` is 0, so older recipes keep their random stream.
+    """
+    captions = [md["prompt"] for md in prompts]
+    if cfg.caption_noise > 0:
+        replaced = rng.random(len(prompts)) < cfg.caption_noise
+        others = sample_prompts(rng, len(prompts))
+        captions = [
+            other["prompt"] if swap else own for own, other, swap in zip(captions, others, replaced, strict=True)
+        ]
+    keep = rng.random(len(prompts)) >= cfg.cond_dropout
+    return [caption if kept else "" for caption, kept in zip(captions, keep, strict=True)]
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def pretrain(cfg: PretrainConfig, out_dir: Path, model_cfg: TinyDiTConfig | None = None) -> Path:
-    """Train from scratch and write the checkpoint folder; returns its path."""
+@dataclass
+class _Run:
+    """Everything a pretraining run's next step depends on (what ``resume.pt`` holds)."""
+
+    model: TinyDiT | TinyUNet
+    ema: TinyDiT | TinyUNet
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    rng: np.random.Generator  # prompts, layouts, captions
+    generator: torch.Generator  # noise and times
+    step: int = 0  # steps done
+
+
+def pretrain(
+    cfg: PretrainConfig,
+    out_dir: Path,
+    model_cfg: TinyDiTConfig | TinyUNetConfig | None = None,
+    *,
+    resume: bool = False,
+) -> Path:
+    """Train from scratch (or, with ``resume``, from ``out_dir/resume.pt``) and write the checkpoint folder.
+
+    ``resume.pt`` is written with every ``save_every`` checkpoint and at the end, so a run can be
+    stopped and continued, or extended to more steps, bit for bit as if it had run in one go.
+    """
     torch.set_num_threads(cfg.threads)
+    model_cfg = model_cfg or BASE_ARCHITECTURE
+    run = _new_run(cfg, model_cfg)
+    if resume and (out_dir / RESUME_FILE).is_file():
+        _load_run(run, out_dir / RESUME_FILE, cfg, model_cfg)
+        log.info("resuming %s from step %d", out_dir, run.step)
+    elif resume:
+        log.info("no %s in %s: starting from scratch", RESUME_FILE, out_dir)
+    tokenizer = Tokenizer(model_cfg.vocabulary, model_cfg.max_tokens)
+    started = time.perf_counter()
+    progress = tqdm(range(run.step + 1, cfg.steps + 1), desc="pretrain shapes", unit="step", initial=run.step)
+    progress.total = cfg.steps
+    for step in progress:
+        loss = _train_step(run, cfg, tokenizer)
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{loss:.4f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+            _save(run.ema, out_dir / f"step_{step}", cfg, step, time.perf_counter() - started)
+            _save_run(run, out_dir / RESUME_FILE, cfg, model_cfg)
+    _save_run(run, out_dir / RESUME_FILE, cfg, model_cfg)
+    return _save(run.ema, out_dir, cfg, cfg.steps, time.perf_counter() - started)
+
+
+def _new_run(cfg: PretrainConfig, model_cfg: TinyDiTConfig | TinyUNetConfig) -> _Run:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model_cfg = model_cfg or BASE_ARCHITECTURE
-    model = TinyDiT(model_cfg)
+    model = TinyUNet(model_cfg) if isinstance(model_cfg, TinyUNetConfig) else TinyDiT(model_cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
-    tokenizer = Tokenizer(model_cfg.vocabulary, model_cfg.max_tokens)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
-    generator = torch.Generator().manual_seed(cfg.seed)
-    started = time.perf_counter()
-    progress = tqdm(range(1, cfg.steps + 1), desc="pretrain shapes", unit="step")
-    for step in progress:
-        prompts = sample_prompts(rng, cfg.batch_size)
-        x0 = render_batch(prompts, rng, cfg.distractor_rate)
-        texts = [
-            md["prompt"] if keep else ""
-            for md, keep in zip(prompts, rng.random(cfg.batch_size) >= cfg.cond_dropout, strict=True)
-        ]
-        noise = torch.randn(x0.shape, generator=generator)
-        z = torch.randn(cfg.batch_size, generator=generator)
-        t = torch.sigmoid(z * cfg.t_logit_std + cfg.t_logit_mean)  # logit-normal
-        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-        v = model(x_t, t, model.encode_text(tokenizer(texts)))
-        loss = (v - (noise - x0)).pow(2).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for averaged, current in zip(ema.parameters(), model.parameters(), strict=True):
-                averaged.lerp_(current, 1 - decay)
-        if step % 50 == 0:
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
-            _save(ema, out_dir / f"step_{step}", cfg, step, time.perf_counter() - started)
-    return _save(ema, out_dir, cfg, cfg.steps, time.perf_counter() - started)
+    return _Run(model, ema, optimizer, schedule, rng, torch.Generator().manual_seed(cfg.seed))
 
 
-def _save(model: TinyDiT, directory: Path, cfg: PretrainConfig, step: int, seconds: float) -> Path:
+def _train_step(run: _Run, cfg: PretrainConfig, tokenizer: Tokenizer) -> float:
+    """One flow-matching step on fresh renders, then the EMA; returns the loss."""
+    run.step += 1
+    prompts = sample_prompts(run.rng, cfg.batch_size)
+    x0 = render_batch(prompts, run.rng, cfg.distractor_rate)
+    texts = training_captions(prompts, run.rng, cfg)
+    noise = torch.randn(x0.shape, generator=run.generator)
+    z = torch.randn(cfg.batch_size, generator=run.generator)
+    t = torch.sigmoid(z * cfg.t_logit_std + cfg.t_logit_mean)  # logit-normal
+    x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    v = run.model(x_t, t, run.model.encode_text(tokenizer(texts)))
+    loss = (v - (noise - x0)).pow(2).mean()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"pretraining loss is {loss.item()} at step {run.step}")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.schedule.step()
+    with torch.no_grad():
+        decay = min(cfg.ema_decay, (1 + run.step) / (10 + run.step))
+        for averaged, current in zip(run.ema.parameters(), run.model.parameters(), strict=True):
+            averaged.lerp_(current, 1 - decay)
+    return float(loss.detach())
+
+
+def _resume_key(cfg: PretrainConfig, model_cfg: TinyDiTConfig | TinyUNetConfig) -> dict[str, dict[str, object]]:
+    """What a saved run must share with the one that continues it (everything but its length)."""
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "save_every")}
+    return {"pretrain": recipe, "architecture": asdict(model_cfg)}
+
+
+def _flat(key: dict[str, dict[str, object]]) -> dict[str, str]:
+    """``{"pretrain.lr": "0.001", ...}``: a resume key as comparable strings."""
+    return {f"{group}.{name}": repr(value) for group, fields in key.items() for name, value in fields.items()}
+
+
+def _save_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConfig | TinyUNetConfig) -> None:
+    state = {
+        "key": _resume_key(cfg, model_cfg),
+        "step": run.step,
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(),
+        "rng": run.rng.bit_generator.state,
+        "generator": run.generator.get_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    torch.save(state, temporary)
+    temporary.replace(path)
+
+
+def _load_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConfig | TinyUNetConfig) -> None:
+    state = torch.load(path, weights_only=False)
+    expected = _resume_key(cfg, model_cfg)
+    saved = _flat(state["key"])
+    differ = sorted(name for name, value in _flat(expected).items() ^ saved.items())
+    if differ:
+        fields = sorted(set(differ))
+        raise ValueError(
+            f"{path} was written by another recipe (differs in {fields}); resume it with the same settings"
+        )
+    if state["step"] > cfg.steps:
+        raise ValueError(f"{path} is at step {state['step']}, past steps={cfg.steps}; ask for at least that many steps")
+    run.model.load_state_dict(state["model"])
+    run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
+    run.rng.bit_generator.state = state["rng"]
+    run.generator.set_state(state["generator"])
+    run.step = state["step"]
+
+
+def _save(model: TinyDiT | TinyUNet, directory: Path, cfg: PretrainConfig, step: int, seconds: float) -> Path:
     recipe = {k: v for k, v in asdict(cfg).items() if k != "save_every"} | {"steps": step}  # what the weights depend on
     save_tiny_dit(model, directory, {"pretrain": recipe, "train_seconds": round(seconds, 1)})
     checksum = sha256_of(directory / "model.safetensors")

@@ -24,39 +24,54 @@ import torch
 
 def _measure(suite_name: str, label: str, iterations: int, warmup: int, threads: int, queue: Any) -> None:
     """In a fresh process: one timed evaluation, then the variant's iterations; puts one row on ``queue``."""
+    from harness.suite import load_suite
+
+    torch.set_num_threads(threads)
+    queue.put(measure_variant(load_suite(suite_name), label, iterations, warmup))
+
+
+def measure_variant(
+    suite: Any, label: str, iterations: int, warmup: int, *, evaluate: bool = True, policy: Any = None
+) -> dict[str, Any]:
+    """One variant of ``suite`` as its cells run it (its model, benchmark, training reward and geometry): the mean
+    phase seconds of ``iterations`` after ``warmup`` untimed ones, and (``evaluate``) one evaluation's seconds.
+
+    The model comes from the suite's own loader (``model.device`` included), so a GPU run takes this path too;
+    ``policy``: one already loaded that way, trained instead of a fresh one.
+    """
     from harness.evaluate import evaluate_policy
     from harness.runner import build_benchmark, build_reward, load_policy
     from harness.samplers import make_sampler
-    from harness.suite import load_suite
     from harness.trainer import LoopConfig, train
     from methods import METHODS
 
-    torch.set_num_threads(threads)
-    suite = load_suite(suite_name)
     entry, spec = next(m for m in suite.config.methods if m.label == label), suite.config.train
     benchmark, reward = build_benchmark(suite), build_reward(suite, label)  # the variant's own training reward
     loop = LoopConfig(iterations=warmup + iterations, evaluate=False, prompts_per_iteration=spec.prompts_per_iteration,
                       images_per_prompt=spec.images_per_prompt)  # fmt: skip
-    started = time.perf_counter()
-    evaluate_policy(load_policy(suite), benchmark, make_sampler(suite.config.eval.sampler), suite.eval_settings(label),
-                    progress=False)  # fmt: skip
-    eval_seconds = time.perf_counter() - started
+    eval_seconds = None
+    if evaluate:
+        started = time.perf_counter()
+        evaluate_policy(load_policy(suite), benchmark, make_sampler(suite.config.eval.sampler),
+                        suite.eval_settings(label), progress=False)  # fmt: skip
+        eval_seconds = round(time.perf_counter() - started, 2)
     rows: list[dict[str, float]] = []
-    ledger = train(METHODS.get(entry.method), suite.method_configs[label], load_policy(suite), benchmark, reward, loop,
-                   spec.optim, progress=False, label=label, on_iteration=rows.append).ledger  # fmt: skip
+    policy = policy if policy is not None else load_policy(suite)
+    ledger = train(METHODS.get(entry.method), suite.method_configs[label], policy, benchmark, reward, loop, spec.optim,
+                   progress=False, label=label, on_iteration=rows.append).ledger  # fmt: skip
     timed = rows[warmup:]  # the warm-up iterations (first calls, FLOP counting) are not timed
     per_iteration = {
         p: sum(r[f"time/{p}_seconds"] for r in timed) / iterations for p in ("sampling", "reward", "training")
     }
     fwd_before = rows[warmup - 1]["compute/fwd_equiv"] if warmup else 0
-    queue.put({
+    return {
         "run": label,
         **{f"{p}_s": round(v, 2) for p, v in per_iteration.items()},
         "total_s": round(sum(per_iteration.values()), 2),
         "fwd_equiv_per_iteration": int(ledger.fwd_equiv - fwd_before) // iterations,
-        "eval_s": round(eval_seconds, 2),
+        "eval_s": eval_seconds,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-    })  # fmt: skip
+    }
 
 
 def estimate_suite_seconds(rows: list[dict[str, Any]], suite_name: str) -> tuple[float, dict[str, float]]:

@@ -17,8 +17,11 @@ GPU memory, and TFLOP/s of the training phase and of a bare training forward+bac
 FLOP counting is slow; it is done outside the timed runs (the measured iterations reuse the forward
 FLOPs of the warm-up, so their sampling time does not include a counted forward).
 
-    diffrl bench gpu                 # H100/H200, bf16, 512 px
-    diffrl bench gpu --tiny          # CPU smoke run with a tiny config
+    diffrl bench sd3-check           # H100/H200, bf16, 512 px (``diffrl bench gpu`` before the one GPU script)
+    diffrl bench sd3-check --tiny    # CPU smoke run with a tiny config
+
+The one prepared GPU run (the card's limit, both methods at several micro-batches, the tiny DiT on the GPU)
+is ``diffrl bench gpu`` (:mod:`harness.bench.gpu`), which builds on this module.
 
 The command's flags are defined with the other benchmarks' in :mod:`harness.cli`; :func:`run` takes them.
 """
@@ -124,20 +127,26 @@ class Brightness:
 
 
 def build_policy(args: argparse.Namespace, device: torch.device) -> SD3Policy:
+    """The policy of the command's flags (:func:`build_sd3_policy`)."""
+    return build_sd3_policy(args.tiny, device, SD3PolicyConfig(
+        resolution=args.resolution, dtype=args.dtype, vae_dtype=args.vae_dtype, max_sequence_length=args.t5_tokens,
+        gradient_checkpointing=args.gradient_checkpointing, lora=SD3LoRAConfig(rank=32, alpha=64.0),
+    ))  # fmt: skip
+
+
+def build_sd3_policy(tiny: bool, device: torch.device, cfg: SD3PolicyConfig) -> SD3Policy:
+    """SD3.5-Medium's transformer (tiny: :data:`TINY_TRANSFORMER`) and SD3's VAE with random weights, and random
+    prompt embeddings of the real shapes, as an :class:`SD3Policy` with ``cfg``."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    transformer_cfg = TINY_TRANSFORMER if args.tiny else SD35_MEDIUM_TRANSFORMER
+    transformer_cfg = TINY_TRANSFORMER if tiny else SD35_MEDIUM_TRANSFORMER
     torch.manual_seed(0)
     with torch.device(device):  # random init directly on the GPU (seconds, not minutes on the CPU)
         transformer = SD3Transformer2DModel(**transformer_cfg)
-        vae = AutoencoderKL(**(TINY_VAE if args.tiny else SD3_VAE))
+        vae = AutoencoderKL(**(TINY_VAE if tiny else SD3_VAE))
     encoder = RandomPromptEncoder(
-        transformer_cfg["joint_attention_dim"], transformer_cfg["pooled_projection_dim"], args.t5_tokens
+        transformer_cfg["joint_attention_dim"], transformer_cfg["pooled_projection_dim"], cfg.max_sequence_length
     )
-    cfg = SD3PolicyConfig(
-        resolution=args.resolution, dtype=args.dtype, vae_dtype=args.vae_dtype, max_sequence_length=args.t5_tokens,
-        gradient_checkpointing=args.gradient_checkpointing, lora=SD3LoRAConfig(rank=32, alpha=64.0),
-    )  # fmt: skip
     return SD3Policy(transformer, vae, SD3_SCHEDULER, encoder, cfg, device=device)  # type: ignore[arg-type]
 
 
@@ -255,10 +264,10 @@ def run_method(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """``diffrl bench gpu ARGV``: parse the flags as the command line does and :func:`run` them."""
+    """``diffrl bench sd3-check ARGV``: parse the flags as the command line does and :func:`run` them."""
     from harness.cli import build_parser
 
-    return run(build_parser().parse_args(["bench", "gpu", *(argv or [])]))
+    return run(build_parser().parse_args(["bench", "sd3-check", *(argv or [])]))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

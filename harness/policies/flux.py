@@ -29,6 +29,9 @@ What it wraps, and where each convention comes from:
   ``linspace(1, 1/N, N)``, shifted by the scheduler's resolution-dependent ``mu`` (``calculate_shift`` of
   the packed image's token count), then σ = 0. For FLUX.1-dev's exponential shifting this equals
   ``flow_schedule(N, e^μ)``: :attr:`FluxPolicy.schedule_shift` (1.878 at 512 px, 3.158 at 1024 px).
+* **Throughput options** (``compile_blocks``, ``attention_backend``, ``autocast``): as SD3's
+  (``harness/policies/throughput.py``); FLUX's attention processors dispatch through diffusers, so every
+  backend of ``set_attention_backend`` applies.
 * **Precision.** bf16, as FlowGRPO's FLUX configs ("fp16 inference produces invalid images" on FLUX);
   fp16 is refused as for SD3 (no loss scaling in ``harness/optim.py``). The VAE decodes in fp32.
 
@@ -53,13 +56,13 @@ from harness.policies.lora import (
     DTypeName,
     LoRAAdapters,
     PromptCache,
-    autocast,
     decode_latents,
     peft_lora_config,
     place,
     resolve_dtype,
     train_dtype,
 )
+from harness.policies.throughput import FLUX_ATTENTION_PROCESSOR, ThroughputOptions, check_attention_backend
 from harness.policy import Cond, WeightSet
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-dev"  # gated on the Hub: accept its licence and log in first
@@ -105,6 +108,13 @@ class FluxPolicyConfig:
     # dropped beyond this many ("" is always kept). None: no limit.
     max_cached_prompts: int | None = 4096
     lora: FluxLoRAConfig = FluxLoRAConfig()
+    # Throughput options (harness/policies/throughput.py, docs/sd3.md): how the forward runs; autocast also rounds.
+    compile_blocks: bool = False  # torch.compile each transformer block ("regional"); eager fallback with a warning
+    attention_backend: str | None = None  # diffusers' set_attention_backend (e.g. native, flash, _native_cudnn)
+    autocast: bool = True  # False: the transformer in ``dtype`` throughout (bf16 activations), LoRA masters still fp32
+
+    def __post_init__(self) -> None:
+        check_attention_backend(self.attention_backend, FLUX_ATTENTION_PROCESSOR)
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -227,6 +237,10 @@ class FluxPolicy:
         self._lora = LoRAAdapters(self.transformer, cfg.lora, owner="FluxPolicy")
         if cfg.gradient_checkpointing:
             cast(Any, self.transformer).enable_gradient_checkpointing()  # diffusers ModelMixin method
+        model: Any = self.transformer  # diffusers' FLUX transformer: block lists unseen by nn.Module's typing
+        blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+        self.throughput = ThroughputOptions(self.transformer, blocks, self._lora.train_params, cfg, self.dtype,
+                                            self.device, owner="FluxPolicy")  # fmt: skip
 
     def _check_guidance(self, guidance_embeds: bool) -> None:
         if guidance_embeds and self.cfg.guidance is None:
@@ -308,9 +322,11 @@ class FluxPolicy:
         guidance = None
         if self.cfg.guidance is not None:
             guidance = torch.full((x_t.shape[0],), self.cfg.guidance, device=self.device, dtype=torch.float32)
-        with autocast(self.device, self.dtype):
-            out = self.transformer(
-                hidden_states=pack_latents(x_t.to(self.device, self.dtype)),  # (B, H/2·W/2, 4C)
+        hidden_states = pack_latents(x_t.to(self.device, self.dtype))  # (B, H/2·W/2, 4C)
+
+        def forward() -> Tensor:
+            return self.transformer(
+                hidden_states=hidden_states,
                 timestep=t.to(self.device, torch.float32),
                 guidance=guidance,
                 pooled_projections=cond.tensors["pooled_prompt_embeds"].to(self.device, self.dtype),
@@ -319,6 +335,8 @@ class FluxPolicy:
                 img_ids=self._img_ids,
                 return_dict=False,
             )[0]
+
+        out = self.throughput.run(forward, (tuple(hidden_states.shape), self._lora.active))
         return unpack_latents(out, height, width).float().to(x_t.device)
 
     def decode(self, x0: Tensor) -> Tensor:

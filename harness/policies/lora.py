@@ -107,11 +107,13 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
     return torch.autocast(device.type, dtype=dtype)
 
 
-@torch.no_grad()
 def decode_latents(
     vae: nn.Module, latents: Tensor, device: torch.device, dtype: torch.dtype, batch_size: int
 ) -> Tensor:
     """VAE latents (B, C, h, w) → images (B, 3, H, W) in [0, 1], fp32 on the input's device.
+
+    Differentiable in ``latents`` (direct reward backprop, DRaFT / ReFL, backpropagates through it); the VAE's
+    weights are frozen, so latents without a graph (every sampled x0) build none.
 
     ``latents / scaling_factor + shift_factor`` through the VAE, then ``[−1, 1] → [0, 1]``, as
     ``StableDiffusion3Pipeline`` / ``FluxPipeline.__call__`` and ``VaeImageProcessor.postprocess``.

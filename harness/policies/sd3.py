@@ -18,13 +18,17 @@ What it wraps, and where each convention comes from:
   (the sampling policy), and the base model with adapters disabled as the reference, as the
   official DiffusionNFT code (``train_nft_sd3.py``). LoRA r = 32, α = 64, gaussian init, joint
   attention projections only (reference notes §4 / FlowGRPO §1.5). Frozen weights are kept in
-  ``dtype``; the LoRA parameters are fp32 master weights and the forward runs under autocast.
+  ``dtype``; the LoRA parameters are fp32 master weights and the forward runs under autocast (with
+  ``autocast=False``, in ``dtype`` throughout: ``harness/policies/throughput.py``).
   ``dtype="fp16"`` is refused: the shared optimizer has no loss scaling (the official SD3 runs use
   fp16 autocast with a ``GradScaler``); bf16 needs none. Deviation: bf16, not the official fp16.
 * **EMA weights** of a finished run live in its checkpoint (``optim → ema → shadow``);
   :func:`checkpoint_ema_shadow` reads them for :meth:`SD3Policy.save_lora`.
 * **Decoding.** ``latents / scaling_factor + shift_factor`` through the VAE, then ``[−1, 1] → [0, 1]``
   (``StableDiffusion3Pipeline.__call__`` and ``VaeImageProcessor.postprocess``).
+* **Throughput options** (``compile_blocks``, ``attention_backend``, ``autocast``; ``harness/policies/throughput.py``):
+  how the transformer's forward runs, not what it computes. The training micro-batch is each method's
+  ``train_batch_size``.
 * **Schedule.** :meth:`SD3Policy.schedule` returns the pipeline scheduler's own σ grid (shift 3 for
   SD3.5), which differs from :func:`harness.samplers.flow_schedule` in the last steps; see ``docs/sd3.md``.
 
@@ -55,7 +59,6 @@ from harness.policies.lora import (
     DTypeName,
     LoRAAdapters,
     PromptCache,
-    autocast,
     checkpoint_ema_shadow,
     decode_latents,
     peft_lora_config,
@@ -63,6 +66,7 @@ from harness.policies.lora import (
     resolve_dtype,
     train_dtype,
 )
+from harness.policies.throughput import SD3_ATTENTION_PROCESSOR, ThroughputOptions, check_attention_backend
 from harness.policy import Cond, WeightSet
 
 log = logging.getLogger(__name__)
@@ -114,6 +118,13 @@ class SD3PolicyConfig:
     # and holds every eval set here (the largest, Pick-a-Pic's test split, has 2048 prompts).
     max_cached_prompts: int | None = 4096
     lora: SD3LoRAConfig = SD3LoRAConfig()
+    # Throughput options (harness/policies/throughput.py, docs/sd3.md): how the forward runs; autocast also rounds.
+    compile_blocks: bool = False  # torch.compile each transformer block ("regional"); eager fallback with a warning
+    attention_backend: str | None = None  # SD3: native, _native_flash/_efficient/_cudnn/_math (torch SDPA)
+    autocast: bool = True  # False: the transformer in ``dtype`` throughout (bf16 activations), LoRA masters still fp32
+
+    def __post_init__(self) -> None:
+        check_attention_backend(self.attention_backend, SD3_ATTENTION_PROCESSOR)
 
 
 def scheduler_sigmas(scheduler_config: dict[str, Any], num_steps: int) -> Tensor:
@@ -197,6 +208,9 @@ class SD3Policy:
         )  # fmt: skip
         if cfg.gradient_checkpointing:
             cast(Any, self.transformer).enable_gradient_checkpointing()  # diffusers ModelMixin method
+        blocks = cast(Any, self.transformer).transformer_blocks
+        self.throughput = ThroughputOptions(self.transformer, blocks, self._lora.train_params, cfg, self.dtype,
+                                            self.device, owner="SD3Policy")  # fmt: skip
         self.encode([""])  # the unconditional prompt (CFG's negative prompt) is always cached
 
     @classmethod
@@ -261,14 +275,18 @@ class SD3Policy:
         if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
             raise ValueError(f"t must have shape (B,) = ({x_t.shape[0]},), got {tuple(t.shape)}")
         timestep = t.to(self.device, torch.float32) * self.num_train_timesteps
-        with autocast(self.device, self.dtype):
-            out = self.transformer(
-                hidden_states=x_t.to(self.device, self.dtype),
+        hidden_states = x_t.to(self.device, self.dtype)
+
+        def forward() -> Tensor:
+            return self.transformer(
+                hidden_states=hidden_states,
                 timestep=timestep,
                 encoder_hidden_states=cond.tensors["prompt_embeds"].to(self.device, self.dtype),
                 pooled_projections=cond.tensors["pooled_prompt_embeds"].to(self.device, self.dtype),
                 return_dict=False,
             )[0]
+
+        out = self.throughput.run(forward, (tuple(hidden_states.shape), self._lora.active))
         return out.float().to(x_t.device)
 
     def decode(self, x0: Tensor) -> Tensor:

@@ -11,17 +11,22 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from harness.policy import Cond, WeightSet
+from harness.policy import Cond, WeightSet, to_device
+
+if TYPE_CHECKING:
+    from harness.policies.tiny_unet import TinyUNet
 
 
 @dataclass(frozen=True)
@@ -84,10 +89,25 @@ class TextLayer(nn.Module):
         return h + self.mlp(self.norm2(h))
 
 
+class TextSpec(Protocol):
+    """What the text encoder reads from a tiny model's config (the DiT's and the U-Net's)."""
+
+    @property
+    def vocabulary(self) -> tuple[str, ...]: ...
+    @property
+    def hidden(self) -> int: ...
+    @property
+    def heads(self) -> int: ...
+    @property
+    def text_layers(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
+
+
 class TextEncoder(nn.Module):
     """Token + position embeddings and a few pre-norm transformer layers."""
 
-    def __init__(self, cfg: TinyDiTConfig) -> None:
+    def __init__(self, cfg: TextSpec) -> None:
         super().__init__()
         self.token = nn.Embedding(len(cfg.vocabulary) + 1, cfg.hidden)  # +1: <bos>
         self.position = nn.Parameter(torch.randn(cfg.max_tokens, cfg.hidden) * 0.02)
@@ -231,6 +251,22 @@ class Tokenizer:
         return tokens
 
 
+def cuda_determinism() -> None:
+    """The deterministic settings the tiny models run under on CUDA; process-wide (docs/shapes.md, "On a GPU").
+
+    IEEE fp32 matmuls and convolutions, not TF32 (the CPU's arithmetic); cuDNN's deterministic algorithms
+    without autotuning; cuBLAS's deterministic workspace (read when its first handle is made); and torch's
+    deterministic algorithms (``index_add``, the attention backward), warning where an operation has none.
+    All cheap for models this small.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    torch.backends.cudnn.fp32_precision = "ieee"
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 class TinyDiTPolicy:
     """:class:`harness.policy.Policy` for the tiny DiT; "old" and "ref" are parameter copies.
 
@@ -240,27 +276,42 @@ class TinyDiTPolicy:
 
     supports_cfg = True
 
-    def __init__(self, model: TinyDiT) -> None:
+    def __init__(self, model: TinyDiT | TinyUNet, device: torch.device | str | None = None) -> None:
+        """``device``: where every weight set lives (None: where ``model`` is); see :meth:`to`."""
         self.model = model
         model.text.requires_grad_(False)
         self.cfg = model.cfg
         self.sample_shape: tuple[int, ...] = (model.cfg.channels, model.cfg.image_size, model.cfg.image_size)
         self.tokenizer = Tokenizer(model.cfg.vocabulary, model.cfg.max_tokens)
-        self._copies: dict[WeightSet, TinyDiT] = {"old": self._frozen_copy(), "ref": self._frozen_copy()}
+        self._copies: dict[WeightSet, TinyDiT | TinyUNet] = {"old": self._frozen_copy(), "ref": self._frozen_copy()}
         self._active: WeightSet = "train"
+        self.device: torch.device = next(model.parameters()).device
+        if device is not None:
+            self.to(device)
 
-    def _frozen_copy(self) -> TinyDiT:
+    def to(self, device: torch.device | str) -> TinyDiTPolicy:
+        """Move θ, old and ref to ``device`` (in place: the parameters stay the same objects); on CUDA also set
+        :func:`cuda_determinism`'s process-wide flags. Returns the policy."""
+        device = torch.device(device)
+        if device.type == "cuda":
+            cuda_determinism()
+        for network in (self.model, *self._copies.values()):
+            network.to(device)
+        self.device = next(self.model.parameters()).device  # cuda → cuda:0: the device the tensors report
+        return self
+
+    def _frozen_copy(self) -> TinyDiT | TinyUNet:
         clone = copy.deepcopy(self.model)
         clone.requires_grad_(False)
         return clone
 
     @property
-    def active(self) -> TinyDiT:
+    def active(self) -> TinyDiT | TinyUNet:
         return self.model if self._active == "train" else self._copies[self._active]
 
     def encode(self, prompts: Sequence[str]) -> Cond:
         # The text encoder is part of θ: encodings depend on the active weights.
-        return self.active.encode_text(self.tokenizer(prompts))
+        return self.active.encode_text(to_device(self.tokenizer(prompts), self.device))
 
     def velocity(self, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         return self.active(x_t, t, cond)
@@ -313,7 +364,7 @@ class TinyDiTPolicy:
         module.load_state_dict(state)
 
 
-def save_tiny_dit(model: TinyDiT, directory: Path, extra: dict[str, object] | None = None) -> Path:
+def save_tiny_dit(model: TinyDiT | TinyUNet, directory: Path, extra: dict[str, object] | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (architecture plus ``extra``)."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
@@ -322,8 +373,10 @@ def save_tiny_dit(model: TinyDiT, directory: Path, extra: dict[str, object] | No
     return directory
 
 
-def load_tiny_dit(directory: Path) -> TinyDiT:
-    """Load a model written by :func:`save_tiny_dit`."""
+def load_tiny_dit(directory: Path) -> TinyDiT | TinyUNet:
+    """Load a model written by :func:`save_tiny_dit`: the DiT, or the U-Net if its architecture says ``backbone: unet``."""
+    from harness.policies.tiny_unet import TinyUNet, TinyUNetConfig  # imports this module
+
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -332,6 +385,11 @@ def load_tiny_dit(directory: Path) -> TinyDiT:
             )
     architecture = json.loads(config_path.read_text())["architecture"]
     architecture["vocabulary"] = tuple(architecture["vocabulary"])
-    model = TinyDiT(TinyDiTConfig(**architecture))
+    model: TinyDiT | TinyUNet
+    if architecture.get("backbone") == "unet":
+        architecture["widths"] = tuple(architecture["widths"])
+        model = TinyUNet(TinyUNetConfig(**architecture))
+    else:
+        model = TinyDiT(TinyDiTConfig(**architecture))
     model.load_state_dict(load_file(weights_path))
     return model

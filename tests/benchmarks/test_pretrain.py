@@ -4,17 +4,23 @@ import json
 import os
 from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from benchmarks.shapes.checkpoint import BASE_CHECKPOINT, load_shapes_policy
-from benchmarks.shapes.pretrain import BASE_ARCHITECTURE, PretrainConfig, pretrain
+from benchmarks.shapes.pretrain import BASE_ARCHITECTURE, PretrainConfig, pretrain, training_captions
+from benchmarks.shapes.prompts import sample_prompts
 from harness.checksums import ChecksumError, verify_checksum
 from harness.policies.tiny_dit import TinyDiTConfig
+from harness.policies.tiny_unet import TinyUNetConfig
 from harness.shapes_world.world import VOCABULARY
 
 SMALL = TinyDiTConfig(vocabulary=VOCABULARY, hidden=32, depth=1, heads=2, text_layers=1)
+SMALL_UNET = TinyUNetConfig(
+    vocabulary=VOCABULARY, widths=(8, 8, 16), hidden=16, heads=2, text_layers=1, attention_blocks=1
+)
 
 
 def test_same_seed_same_weights(tmp_path):
@@ -29,6 +35,14 @@ def test_same_seed_same_weights(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
     meta = json.loads((tmp_path / "a" / "config.json").read_text())
     assert meta["pretrain"]["steps"] == 3 and meta["architecture"]["hidden"] == 32
+
+
+def test_unet_pretraining_is_deterministic_and_loads_as_the_shapes_policy(tmp_path):
+    cfg = PretrainConfig(steps=2, batch_size=4, warmup_steps=1)
+    a = load_file(pretrain(cfg, tmp_path / "a", SMALL_UNET) / "model.safetensors")
+    b = pretrain(cfg, tmp_path / "b", SMALL_UNET)
+    assert all(torch.equal(a[k], v) for k, v in load_file(b / "model.safetensors").items())
+    assert load_shapes_policy(b).model.cfg == SMALL_UNET
 
 
 def test_checksum_is_verified(tmp_path):
@@ -59,7 +73,7 @@ def test_committed_base_matches_its_checksum_and_config():
     recipe = {k: v for k, v in PretrainConfig().__dict__.items() if k != "save_every"}
     assert meta["pretrain"] == recipe  # `diffrl pretrain shapes` with its defaults reproduces it
     assert tuple(meta["architecture"]["vocabulary"]) == VOCABULARY
-    assert meta["architecture"] == {**asdict(BASE_ARCHITECTURE), "vocabulary": list(VOCABULARY)}
+    assert meta["architecture"] == json.loads(json.dumps(asdict(BASE_ARCHITECTURE)))  # tuples as JSON lists
 
 
 def test_distractors_change_the_training_scenes(tmp_path):
@@ -77,3 +91,32 @@ def test_distractors_change_the_training_scenes(tmp_path):
 def test_pretraining_reproduces_the_committed_base(tmp_path):
     out = pretrain(PretrainConfig(), tmp_path / "base")
     assert (out / "model.safetensors.sha256").read_text() == (BASE_CHECKPOINT / "model.safetensors.sha256").read_text()
+
+
+def test_caption_noise_replaces_captions_at_its_rate_and_draws_nothing_when_off():
+    prompts = sample_prompts(np.random.default_rng(1), 4000)
+    own = [md["prompt"] for md in prompts]
+    rng = np.random.default_rng(2)
+    clean = training_captions(prompts, rng, PretrainConfig(caption_noise=0.0, cond_dropout=0.0))
+    assert clean == own
+    untouched = np.random.default_rng(2)
+    untouched.random(len(prompts))  # the dropout draw only
+    assert rng.random() == untouched.random()
+    noisy = training_captions(prompts, np.random.default_rng(3), PretrainConfig(caption_noise=0.5, cond_dropout=0.0))
+    swapped = np.mean([a != b for a, b in zip(noisy, own, strict=True)])
+    # A swap lands on the same prompt now and then (single_object has 4 prompts), so slightly under 0.5.
+    assert 0.42 < swapped < 0.5
+    dropped = training_captions(prompts, np.random.default_rng(4), PretrainConfig(caption_noise=0.5, cond_dropout=0.5))
+    assert 0.45 < np.mean([c == "" for c in dropped]) < 0.55
+
+
+def test_a_stopped_run_resumes_bit_for_bit(tmp_path):
+    cfg = PretrainConfig(steps=4, batch_size=4, warmup_steps=2, save_every=2)
+    straight = load_file(pretrain(cfg, tmp_path / "straight", SMALL_UNET) / "model.safetensors")
+    pretrain(replace(cfg, steps=2), tmp_path / "resumed", SMALL_UNET)  # stopped at step 2
+    resumed = load_file(pretrain(cfg, tmp_path / "resumed", SMALL_UNET, resume=True) / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    with pytest.raises(ValueError, match=r"pretrain\.lr"):
+        pretrain(replace(cfg, steps=6, lr=0.5), tmp_path / "resumed", SMALL_UNET, resume=True)
+    with pytest.raises(ValueError, match="past steps=3"):
+        pretrain(replace(cfg, steps=3), tmp_path / "resumed", SMALL_UNET, resume=True)

@@ -154,6 +154,12 @@ OVERRIDES: dict[str, dict[str, object]] = {
     "flow_grpo_fast": {"num_steps": 4, "sde_window_size": 1, "sde_window_range": (0, 2)},
     "awm": {"num_steps": 3, "train_timesteps": 1},
     "online_dpo": {"guidance_scale": 1.0, "drop_tied_groups": True},  # tied groups dropped: pairs differ by process
+    "dgpo": {"trunc_steps": 1, "train_timesteps": 2},
+    "mix_grpo": {"num_steps": 3},
+    # CRD (one group per process, 2 steps) and DanceGRPO (4 samples, 3 steps) leave their last optimizer step with
+    # no pass on any process: under FSDP it must still step AdamW on zero gradients, as data-parallel does
+    "crd": {"train_timesteps": 2},
+    "dance_grpo": {"num_steps": 3},
 }
 FSDP_METHODS = [name for name in METHODS if METHODS.get(name).capabilities.fsdp]
 

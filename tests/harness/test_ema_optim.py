@@ -126,3 +126,16 @@ def test_method_ema_settings_reads_only_the_fields_a_config_has():
     assert method_ema_settings(DiffusionNFTConfig()) == {"ema_interval": 1}
     assert method_ema_settings(FlowGRPOConfig()) == {"ema_interval": 8, "ema_updates_per_step": 2}
     assert method_ema_settings(AWMConfig()) == {"ema_interval": 1, "ema_max_decay": 0.99}
+
+
+def test_deferred_loss_checks_stop_the_step_before_the_weights_change():
+    param = nn.Parameter(torch.ones(2))
+    optim = Optimization([param], OptimConfig(lr=0.1, weight_decay=0.0), defer_loss_checks=True)
+    optim.backward((param**2).sum())
+    assert optim.step() == pytest.approx(float(2 * torch.ones(2).norm())) and (param < 1).all()
+    before = param.detach().clone()
+    optim.backward(param.sum())
+    optim.backward(param.sum() * float("nan"))  # no check, no host sync here
+    with pytest.raises(FloatingPointError, match="non-finite loss nan at optimizer step 2"):
+        optim.step()
+    assert torch.equal(param.detach(), before) and optim.global_step == 1

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from harness.bench.sd3_check import Brightness, FixedPrompts
 from harness.distributed import SINGLE, Processes
-from harness.fsdp import requested, shard_policy
-from harness.optim import OptimConfig
+from harness.fsdp import requested, shard_policy, zero_missing_gradients
+from harness.optim import OptimConfig, Optimization
 from harness.store import read_results
 from harness.trainer import LoopConfig, check_fsdp, check_geometry, train
 from methods import METHODS
@@ -201,6 +202,25 @@ def test_unsupported_fsdp_settings_are_refused_before_any_compute(monkeypatch):
     monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
     with pytest.raises(ValueError, match="FSDP_AUTO_WRAP_POLICY"):
         requested()
+
+
+def test_a_step_with_no_pass_on_any_process_steps_on_zero_gradients():
+    """Under FSDP no all-reduce fills missing gradients; zero_missing_gradients does, as average_gradients does, so a
+    padded optimizer step with no pass anywhere still moves AdamW's moments and applies the weight decay."""
+    runs = []
+    for explicit_zeros in (False, True):
+        param = nn.Parameter(torch.arange(3.0))
+        sync = None if explicit_zeros else zero_missing_gradients
+        optim = Optimization([param], OptimConfig(lr=0.1, weight_decay=0.5), gradient_sync=sync)
+        optim.backward(param.square().sum())
+        optim.step()  # zero_grad(set_to_none): no gradient until the next backward
+        after_one = param.detach().clone()
+        if explicit_zeros:
+            param.grad = torch.zeros_like(param)
+        optim.step()
+        assert not torch.equal(param.detach(), after_one)
+        runs.append(param.detach().clone())
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_shipped_fsdp_config():

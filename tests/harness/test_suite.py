@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
+import torch
 import yaml
 
 from harness.config import ConfigError
@@ -136,7 +137,8 @@ def test_unknown_names_are_refused_with_what_is_allowed(path, value, message):
             r"suite\.train\.images_per_prompt = 1: images_per_prompt must be an integer >= 2",
         ),
         ("methods.0.label", "a b", r"suite\.methods\[0\]\.label = 'a b': label must be letters"),
-        ("model.device", "cuda", r"suite\.model\.device = 'cuda': the tiny DiT runs on the CPU"),
+        ("model.device", "cuda:63", r"suite\.model\.device = 'cuda:63', but this machine has \d+ CUDA device"),
+        ("model.device", "gpu", r"suite\.model\.device = 'gpu'; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"),
         ("model.finetune", "lora", r"suite\.model\.finetune = 'lora'"),
         ("model.checkpoint", "/nonexistent/base", r"suite\.model\.checkpoint = '/nonexistent/base' is not"),
         ("name", "My Suite", r"suite\.name = 'My Suite': name must be lower-case"),
@@ -147,6 +149,17 @@ def test_unknown_names_are_refused_with_what_is_allowed(path, value, message):
 def test_inconsistent_values_are_refused(path, value, message):
     with pytest.raises(ConfigError, match=message):
         validate_suite(with_change(path, value))
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", *(["cuda", "cuda:0"] if torch.cuda.is_available() else [])])
+def test_the_tiny_dit_runs_on_any_device_this_machine_has(device):
+    assert validate_suite(with_change("model.device", device)).config.model.device == device
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_for_the_tiny_dit_is_refused_where_there_is_none():
+    with pytest.raises(ConfigError, match=r"suite\.model\.device = 'cuda', but this machine has 0 CUDA device\(s\)"):
+        validate_suite(with_change("model.device", "cuda"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -102,7 +102,7 @@ BAD_VALUES = {
     "label used twice": ("methods.1.label", "nft", "suite.methods[1].label = 'nft' is used twice"),
     "one image per prompt": ("train.images_per_prompt", 1, "suite.train.images_per_prompt = 1: images_per_prompt"),
     "unknown reference": ("report.reference", "flowgrpo", "suite.report.reference = 'flowgrpo'; allowed: nft, grpo"),
-    "cuda for the tiny DiT": ("model.device", "cuda", "suite.model.device = 'cuda': the tiny DiT runs on the CPU"),
+    "an absent GPU for the tiny DiT": ("model.device", "cuda:63", "suite.model.device = 'cuda:63', but this machine"),
 }
 
 

@@ -94,12 +94,31 @@ def test_tiny_dit_models_resolve_as_before():
         ({"options": {"dtype": "fp16"}}, r"suite\.model\.options\.dtype = 'fp16': training needs loss scaling"),
         ({"options": {"resolution": 0}}, r"suite\.model\.options\.resolution must be >= 1"),
         ({"options": {"max_cached_prompts": 0}}, r"suite\.model\.options\.max_cached_prompts must be >= 1 or null"),
+        # Throughput options (harness/policies/throughput.py): checked before any model loads.
+        (
+            {"options": {"attention_backend": "flash"}},
+            r"suite\.model\.options\.attention_backend = 'flash': attention_backend must be one of native, "
+            r"_native_flash.*JointAttnProcessor2_0 calls torch's scaled_dot_product_attention itself",
+        ),
+        (
+            {"options": {"attention_backend": "fastest"}},
+            r"suite\.model\.options\.attention_backend = 'fastest': attention_backend must be null .* or one of",
+        ),
+        (
+            {"options": {"attention_backend": "_native_cudnn"}},
+            r"attention_backend = '_native_cudnn' needs a CUDA device, but suite\.model\.device = 'cpu'",
+        ),
+        (
+            {"options": {"compile_blocks": "yes"}},
+            r"suite\.model\.options\.compile_blocks = 'yes'; expected true or false",
+        ),
+        ({"options": {"autocast": 0}}, r"suite\.model\.options\.autocast = 0; expected true or false"),
         ({"finetune": "full"}, r"suite\.model\.finetune = 'full': the SD3 policy trains LoRA .* use finetune: lora"),
         ({"checkpoint": "/nonexistent/sd3"}, r"suite\.model\.checkpoint = '/nonexistent/sd3' is neither a folder nor"),
         ({"device": "gpu"}, r"suite\.model\.device = 'gpu'; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'"),
         ({"device": "cuda:63"}, r"suite\.model\.device = 'cuda:63', but this machine has \d+ CUDA device"),
         ({"kind": "tiny_dit", "options": {"resolution": 64}}, r"suite\.model\.options = .*configure kind 'sd3'"),
-        ({"kind": "tiny_dit", "device": "cuda"}, r"suite\.model\.device = 'cuda': the tiny DiT runs on the CPU"),
+        ({"kind": "tiny_dit", "device": "cuda:63"}, r"suite\.model\.device = 'cuda:63', but this machine has \d+"),
     ],
 )
 def test_bad_model_keys_are_refused_with_the_key_and_the_fix(model, message):

@@ -110,3 +110,28 @@ def test_x_prediction_returns_the_velocity_through_its_clean_estimate():
         assert torch.allclose(x0_hat, network(x, t, cond), atol=1e-5)
     with pytest.raises(ValueError, match="prediction"):
         dataclasses.replace(cfg, prediction="eps")
+
+
+def test_the_policy_reports_and_moves_its_device():
+    policy = make_policy()
+    assert policy.device == torch.device("cpu") and policy.to("cpu") is policy
+    assert TinyDiTPolicy(policy.model, device="cpu").device == torch.device("cpu")
+    assert policy.encode(["a red circle"]).tensors["text"].device == policy.device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_every_weight_set_moves_and_the_noise_is_the_cpus():
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        cpu, gpu = make_policy(), make_policy().to("cuda")
+        assert gpu.device.type == "cuda" and not torch.backends.cudnn.benchmark
+        for which in ("train", "old", "ref"):
+            assert all(v.device == gpu.device for v in gpu.weight_state(which).values())
+        x, t, _ = inputs(cpu)
+        with torch.no_grad():
+            v_cpu = cpu.velocity(x, t, cpu.encode(["a red circle"] * 3))
+            v_gpu = gpu.velocity(x.cuda(), t.cuda(), gpu.encode(["a red circle"] * 3))
+        assert torch.allclose(v_cpu, v_gpu.cpu(), atol=1e-4)  # IEEE fp32 on both: rounding apart, no TF32
+    finally:
+        torch.use_deterministic_algorithms(deterministic)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,8 +17,8 @@ from harness.samplers import EulerODE, flow_schedule
 from harness.trainer import LoopConfig, train
 from methods import METHODS
 from methods.diffusion_nft import DiffusionNFTConfig
-from methods.flow_grpo import FlowGRPOConfig
 from tests.harness.policies.tiny_sd3 import save_tiny_sd3_pipeline
+from tests.methods.forward_smoke import Redness
 
 CFG = SD3PolicyConfig(resolution=16, dtype="fp32", lora=SD3LoRAConfig(rank=4, alpha=8.0))
 PROMPTS = ["a red cube", "two blue balls", "a green cat"]
@@ -273,28 +274,53 @@ def tiny_prompts() -> FixedPrompts:
     return FixedPrompts(name="tiny_prompts", prompts=tuple(PROMPTS))
 
 
-@pytest.mark.parametrize(
-    ("name", "method_cfg"),
-    [
-        ("diffusion_nft", DiffusionNFTConfig(num_steps=3, train_batch_size=4)),
-        # check_on_policy: the first training ratio must be 1, so rollout and training forwards agree.
-        (
-            "flow_grpo",
-            FlowGRPOConfig(num_steps=2, rollout_cfg=4.5, train_cfg=4.5, train_batch_size=4, check_on_policy=True),
-        ),  # fmt: skip
-    ],
-)
-def test_one_iteration_through_the_trainer(pipeline_dir, name, method_cfg):
+# Per-method settings of the one-iteration runs beyond the fewest steps and micro-batches of 4. FlowGRPO checks that
+# its first training ratio is 1 (the rollout's and the training's forwards agree through the LoRA); the others only
+# cut training times and windows so that 2 sampling steps are allowed (time only).
+SD3_OVERRIDES: dict[str, dict[str, object]] = {
+    "diffusion_nft": {"num_steps": 3},
+    "flow_grpo": {"check_on_policy": True},
+    "flow_grpo_fast": {"sde_window_size": 1, "sde_window_range": (0, 2)},
+    "awm": {"train_timesteps": 2},
+    "crd": {"train_timesteps": 2},
+    "dgpo": {"trunc_steps": 1, "train_timesteps": 2},
+}
+
+
+def one_iteration_config(name: str) -> object:
+    """``name``'s default config with the fewest sampling steps its own checks allow (2, else 3 or 4), micro-batches
+    of 4 where it has them, then its SD3_OVERRIDES."""
+    config_cls = METHODS.get(name).Config
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    settings = {**({"train_batch_size": 4} if "train_batch_size" in fields else {}), **SD3_OVERRIDES.get(name, {})}
+    for steps in (2, 3, 4):
+        try:
+            return config_cls(**{"num_steps": steps, **settings})
+        except ValueError:  # too few steps for this method (e.g. its SDE window)
+            continue
+    return config_cls(**settings)
+
+
+@pytest.mark.parametrize("name", METHODS.keys())
+def test_one_iteration_of_every_method_through_the_trainer(pipeline_dir, name):
+    """Every registered method trains the LoRA for one iteration: a finite loss, LoRA B moved off 0, counters agree."""
+    method_cls = METHODS.get(name)
     policy = load(pipeline_dir)
-    start = [p.detach().clone() for p in policy.trainable_parameters()]
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=2, images_per_prompt=2)
-    result = train(
-        METHODS.get(name), method_cfg, policy, tiny_prompts(), Brightness(), loop, OptimConfig(lr=1e-3), progress=False
-    )
-    row = result.iterations[0]
-    assert np.isfinite(row["train/grad_norm"]) and row["train/grad_norm"] > 0
-    assert result.ledger.images["sampling"] == 4 and result.ledger.backward["training"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(start, policy.trainable_parameters(), strict=True))
+    reward = Redness() if method_cls.capabilities.needs_differentiable_reward else Brightness()
+    result = train(method_cls, one_iteration_config(name), policy, tiny_prompts(), reward, loop, OptimConfig(lr=1e-3),
+                   progress=False)  # fmt: skip
+    row, ledger = result.iterations[0], result.ledger
+    train_logs = {k: v for k, v in row.items() if k.startswith("train/")}
+    assert {"train/loss", "train/policy_loss"} & train_logs.keys(), sorted(train_logs)
+    assert all(math.isfinite(v) for v in train_logs.values()), train_logs
+    assert row["train/grad_norm"] > 0
+    # LoRA B starts at 0 and only a gradient moves it (AdamW's weight decay keeps 0 at 0)
+    named = zip(policy._train_names, policy.trainable_parameters(), strict=True)
+    assert any(p.abs().sum() > 0 for n, p in named if "lora_B" in n), f"{name}: no LoRA B moved"
+    assert ledger.images["sampling"] == 4 and ledger.forward["sampling"] > 0 and ledger.forward["sampling"] % 4 == 0
+    assert 0 < ledger.backward["training"] <= ledger.forward["training"]
+    assert ledger.forward["eval"] == 0 and row["compute/fwd_equiv"] == ledger.fwd_equiv
 
 
 def test_ema_weights_from_a_run_checkpoint(pipeline_dir, tmp_path, monkeypatch):
