@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from benchmarks.base import Benchmark
 from harness.distributed import SINGLE, Processes
 from harness.geneval_rules import TASKS
-from harness.policy import WEIGHT_SETS, Policy, WeightSet, iter_batches
+from harness.policy import WEIGHT_SETS, Policy, WeightSet, iter_batches, unconditional
 from harness.rollout import rollout
 from harness.samplers import Sampler, flow_schedule
 from harness.seeding import generator
@@ -165,7 +165,7 @@ def evaluate_policy(
     def sample(index: int, batch: slice) -> Tensor:
         texts = [p.text for p in expanded[batch]]
         cond = policy.encode(texts)
-        uncond = policy.encode([""] * len(texts)) if settings.guidance_scale != 1.0 else None
+        uncond = unconditional(policy, len(texts), settings.guidance_scale)
         traj = rollout(
             policy, sampler, cond, noise[batch], timesteps, guidance_scale=settings.guidance_scale, uncond=uncond,
             generator=generator(benchmark.eval_seed, "eval-sampler", index),

@@ -102,6 +102,11 @@ class ResumablePolicy(Policy, Protocol):
     def load_weight_state(self, which: WeightSet, state: dict[str, Tensor]) -> None: ...
 
 
+def unconditional(policy: Policy, n: int, guidance_scale: float) -> Cond | None:
+    """The empty prompt's encoding for ``n`` samples when CFG is on (scale ≠ 1), else None (``guided_velocity``'s ``uncond``)."""
+    return policy.encode([""] * n) if guidance_scale != 1.0 else None
+
+
 def guided_velocity(
     policy: Policy, x_t: Tensor, t: Tensor, cond: Cond, uncond: Cond | None, guidance_scale: float
 ) -> Tensor:

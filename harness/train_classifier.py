@@ -169,6 +169,7 @@ def clutter_scene(rng: np.random.Generator) -> np.ndarray:
 def base_sample_pool(n: int, seed: int, batch_size: int = 64) -> Tensor:
     """``n`` samples (N, 3, 32, 32) in [0, 1] of the committed base model over mixed samplers, steps and CFG."""
     from benchmarks.shapes.checkpoint import load_shapes_policy
+    from harness.policy import unconditional
     from harness.rollout import rollout
     from harness.samplers import flow_schedule, make_sampler
 
@@ -185,7 +186,7 @@ def base_sample_pool(n: int, seed: int, batch_size: int = 64) -> Tensor:
         with torch.no_grad():
             traj = rollout(
                 policy, make_sampler(sampler_name), policy.encode(texts), noise, flow_schedule(steps),
-                guidance_scale=scale, uncond=policy.encode([""] * size) if scale != 1.0 else None,
+                guidance_scale=scale, uncond=unconditional(policy, size, scale),
                 generator=generator(seed, "classifier-pool-sampler", chunk),
             )  # fmt: skip
         images.append(policy.decode(traj.x0))

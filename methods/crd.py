@@ -51,7 +51,7 @@ from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode
 from harness.fsdp import full_tensors, local_like
 from harness.optim import Optimization
-from harness.policy import Policy, guided_velocity, iter_batches, to_device
+from harness.policy import Policy, guided_velocity, iter_batches, to_device, unconditional
 from harness.samplers import flow_schedule, noised
 from harness.types import Prompt
 from harness.validation import (
@@ -335,7 +335,7 @@ class CRD:
                 out["old"] = policy.velocity(x_t, t, cond)
             if cfg.kl_coef > 0:
                 with policy.use_weights("ref"):
-                    uncond = policy.encode([""] * len(sel)) if cfg.kl_cfg != 1.0 else None
+                    uncond = unconditional(policy, len(sel), cfg.kl_cfg)
                     out["ref"] = guided_velocity(policy, x_t, t, cond, uncond, cfg.kl_cfg)
         return out
 

@@ -47,7 +47,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import group_means
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device, unconditional
 from harness.rollout import Trajectory, Window, rollout
 from harness.samplers import DanceSDE, flow_schedule
 from harness.types import Prompt
@@ -144,7 +144,7 @@ class DanceGRPO:
         self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
 
     def _uncond(self, n: int) -> Cond | None:
-        return self.policy.encode([""] * n) if self.cfg.guidance_scale != 1.0 else None
+        return unconditional(self.policy, n, self.cfg.guidance_scale)
 
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
         cfg, texts = self.cfg, [p.text for p in prompts]

@@ -41,7 +41,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages
 from harness.optim import Optimization
-from harness.policy import Policy, WeightSet, guided_velocity, to_device
+from harness.policy import Policy, WeightSet, guided_velocity, to_device, unconditional
 from harness.samplers import flow_schedule, noised
 from harness.types import Prompt
 from harness.validation import check_at_least, check_literals, check_non_negative, check_positive, require
@@ -200,7 +200,7 @@ class DGPO:
         with torch.no_grad():
             if cfg.kl_coef > 0 or cfg.reference == "ref":
                 with policy.use_weights("ref"):
-                    uncond = policy.encode([""] * len(sel)) if cfg.kl_cfg != 1.0 else None
+                    uncond = unconditional(policy, len(sel), cfg.kl_cfg)
                     out["ref"] = guided_velocity(policy, x_t, t, cond, uncond, cfg.kl_cfg)
             if cfg.clip_dsm or cfg.reference == "old":
                 with policy.use_weights("old"):

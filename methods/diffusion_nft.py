@@ -47,7 +47,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages
 from harness.optim import Optimization
-from harness.policy import Policy, to_device
+from harness.policy import Policy, to_device, unconditional
 from harness.rollout import rollout
 from harness.samplers import SAMPLERS, flow_schedule, make_sampler, noised
 from harness.types import Prompt
@@ -219,7 +219,7 @@ class DiffusionNFT:
         noise = torch.randn((len(texts), *self.policy.sample_shape), generator=generator)
         with self.policy.use_weights("old"):
             cond = self.policy.encode(texts)
-            uncond = self.policy.encode([""] * len(texts)) if self.cfg.guidance_scale != 1.0 else None
+            uncond = unconditional(self.policy, len(texts), self.cfg.guidance_scale)
             x0 = rollout(self.policy, self.sampler, cond, noise, self.schedule, guidance_scale=self.cfg.guidance_scale,
                          uncond=uncond, generator=generator).x0  # fmt: skip
         return Rollout(list(prompts), group_ids, cond, x0)

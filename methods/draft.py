@@ -45,7 +45,7 @@ from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, policy_device, to_device
+from harness.policy import Cond, Policy, policy_device, to_device, unconditional
 from harness.rollout import Trajectory, rollout
 from harness.samplers import flow_schedule, make_sampler, noised
 from harness.types import Prompt, Reward, check_score_shape
@@ -142,7 +142,7 @@ class DRaFT:
         self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
 
     def _uncond(self, n: int) -> Cond | None:
-        return self.policy.encode([""] * n) if self.cfg.guidance_scale != 1.0 else None
+        return unconditional(self.policy, n, self.cfg.guidance_scale)
 
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
         texts = [p.text for p in prompts]

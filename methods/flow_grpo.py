@@ -43,7 +43,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages, zero_std_groups
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device, unconditional
 from harness.rollout import Trajectory, rollout
 from harness.samplers import FlowSDE, Transition, flow_schedule
 from harness.types import Prompt
@@ -197,7 +197,7 @@ class FlowGRPO:
         self._first_check = False  # check_on_policy: the next real pass checks its ratio
 
     def _uncond(self, n: int) -> Cond | None:
-        return self.policy.encode([""] * n) if self.cfg.rollout_cfg != 1.0 else None
+        return unconditional(self.policy, n, self.cfg.rollout_cfg)
 
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
         texts = [p.text for p in prompts]

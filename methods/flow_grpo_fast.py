@@ -43,7 +43,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, iter_batches, policy_device, to_device
+from harness.policy import Cond, Policy, guided_velocity, iter_batches, policy_device, to_device, unconditional
 from harness.rollout import Trajectory, Window, rollout
 from harness.samplers import Transition, flow_schedule, make_sampler
 from harness.types import Prompt
@@ -123,7 +123,7 @@ class FlowGRPOFast:
         self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
 
     def _uncond(self, n: int, scale: float) -> Cond | None:
-        return self.policy.encode([""] * n) if scale != 1.0 else None
+        return unconditional(self.policy, n, scale)
 
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
         """One window per sampling call of ``train_batch_size`` images; per-sample window times (B, w + 1)."""

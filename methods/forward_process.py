@@ -19,7 +19,7 @@ from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
-from harness.policy import Policy, WeightSet, to_device
+from harness.policy import Policy, WeightSet, to_device, unconditional
 from harness.rollout import rollout
 from harness.samplers import SAMPLERS, Sampler, flow_schedule, make_sampler, noised
 from harness.types import Prompt
@@ -78,7 +78,7 @@ def collect_clean(
     noise = torch.randn((len(texts), *policy.sample_shape), generator=generator)
     with policy.use_weights(weights):
         cond = policy.encode(texts)
-        uncond = policy.encode([""] * len(texts)) if guidance_scale != 1.0 else None
+        uncond = unconditional(policy, len(texts), guidance_scale)
         x0 = rollout(
             policy, sampler, cond, noise, schedule, guidance_scale=guidance_scale, uncond=uncond, generator=generator
         ).x0

@@ -42,7 +42,7 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate, filler_items, micro_batch_positions
 from harness.advantages import StdMode
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device, unconditional
 from harness.rollout import Trajectory, rollout
 from harness.samplers import FlowSDE, Transition, flow_schedule
 from harness.types import Prompt
@@ -157,7 +157,7 @@ class GRPOGuard:
         self._old_means: dict[tuple[int, int, int], Tensor] = {}  # (chunk, micro-batch, step) → μ_old
 
     def _uncond(self, n: int) -> Cond | None:
-        return self.policy.encode([""] * n) if self.cfg.guidance_scale != 1.0 else None
+        return unconditional(self.policy, n, self.cfg.guidance_scale)
 
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
         texts = [p.text for p in prompts]

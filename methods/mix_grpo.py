@@ -48,7 +48,7 @@ from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device, unconditional
 from harness.rollout import Trajectory, Window, rollout
 from harness.samplers import DPMSolverPP2M, EulerODE, flow_schedule, make_sampler
 from harness.types import Prompt
@@ -184,7 +184,7 @@ class MixGRPO:
         return window_steps(start, cfg.window_size, cfg.max_start)
 
     def _uncond(self, n: int) -> Cond | None:
-        return self.policy.encode([""] * n) if self.cfg.guidance_scale != 1.0 else None
+        return unconditional(self.policy, n, self.cfg.guidance_scale)
 
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
         cfg, texts = self.cfg, [p.text for p in prompts]
