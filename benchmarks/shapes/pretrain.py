@@ -221,13 +221,10 @@ def _save_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConf
 
 def _load_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConfig | TinyUNetConfig) -> None:
     state = torch.load(path, weights_only=False)
-    expected = _resume_key(cfg, model_cfg)
-    saved = _flat(state["key"])
-    differ = sorted(name for name, value in _flat(expected).items() ^ saved.items())
+    differ = sorted({name for name, _ in _flat(_resume_key(cfg, model_cfg)).items() ^ _flat(state["key"]).items()})
     if differ:
-        fields = sorted(set(differ))
         raise ValueError(
-            f"{path} was written by another recipe (differs in {fields}); resume it with the same settings"
+            f"{path} was written by another recipe (differs in {differ}); resume it with the same settings"
         )
     if state["step"] > cfg.steps:
         raise ValueError(f"{path} is at step {state['step']}, past steps={cfg.steps}; ask for at least that many steps")
