@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device
-from harness.samplers import EulerODE, History, Sampler
+from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device, unconditional
+from harness.samplers import EulerODE, History, Sampler, Transition
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class Trajectory:
     """
 
     x0: Tensor
-    timesteps: Tensor  # (K+1,), 1 → 0 (with a window: its size + 1 times)
+    timesteps: Tensor  # (K+1,), 1 → 0 (with a window: its size + 1 times); (B, K+1) when windows differ per sample
     latents: Tensor | None = None
     log_probs: Tensor | None = None
 
@@ -126,3 +126,29 @@ def rollout(
         latents=torch.stack(latents, dim=1) if keep_trajectory else None,
         log_probs=torch.stack(log_probs, dim=1) if log_probs else None,
     )
+
+
+def replay_transition(
+    policy: Policy,
+    sampler: Sampler,
+    trajectory: Trajectory,
+    sel: Tensor,
+    j: int | Tensor,
+    cond: Cond,
+    guidance_scale: float,
+) -> tuple[Tensor, Transition]:
+    """Retake the stored steps ``latents[sel, j] → latents[sel, j + 1]`` with the active weights.
+
+    Returns their transition log-probs (B,) and the transitions themselves (mean, std, σ), as coupled methods
+    need them for ratios, KL terms and ratio normalisation. ``j`` is one step or one per sample; the times
+    come from the trajectory (per sample when its ``timesteps`` are (B, K+1)). CFG at ``guidance_scale``.
+    """
+    latents, times = trajectory.latents, trajectory.timesteps
+    if latents is None:
+        raise ValueError("replay_transition needs a trajectory sampled with keep_trajectory=True")
+    x, x_next = latents[sel, j], latents[sel, j + 1]
+    t, t_next = (times[sel, j], times[sel, j + 1]) if times.ndim == 2 else (times[j], times[j + 1])
+    uncond = unconditional(policy, len(sel), guidance_scale)
+    v = guided_velocity(policy, x, t.expand(len(sel)), cond, uncond, guidance_scale)
+    transition = sampler.step(v, x, t, t_next)
+    return sampler.log_prob(x_next, transition), transition

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from harness.optim import Optimization
-from harness.policy import Cond, Policy
-from harness.rollout import Trajectory
+from harness.policy import Cond, Policy, unconditional
+from harness.rollout import Trajectory, Window, rollout
+from harness.samplers import Sampler
 from harness.types import Prompt
 
 
@@ -66,6 +67,33 @@ class Rollout:
             return positions
         local = {int(g): i for i, g in enumerate(self.batch_index.tolist())}
         return torch.tensor([local[int(p)] for p in positions.tolist() if int(p) in local], dtype=torch.long)
+
+
+def collect_trajectory(
+    policy: Policy,
+    sampler: Sampler,
+    prompts: Sequence[Prompt],
+    group_ids: Tensor,
+    schedule: Tensor,
+    generator: torch.Generator,
+    *,
+    guidance_scale: float,
+    noise: Tensor | None = None,
+    window: Window | None = None,
+) -> Rollout:
+    """Sample ``prompts`` on-policy (θ itself) and keep the trajectory: the collection of the GRPO family.
+
+    ``noise``: the initial noise (default: one draw per sample from ``generator``); ``window``: the
+    stochastic sampler only inside it (see :class:`harness.rollout.Window`).
+    """
+    texts = [p.text for p in prompts]
+    if noise is None:
+        noise = torch.randn((len(texts), *policy.sample_shape), generator=generator)
+    cond = policy.encode(texts)
+    trajectory = rollout(policy, sampler, cond, noise, schedule, guidance_scale=guidance_scale,
+                         uncond=unconditional(policy, len(texts), guidance_scale), generator=generator,
+                         keep_trajectory=True, window=window)  # fmt: skip
+    return Rollout(list(prompts), group_ids, cond, trajectory.x0, trajectory)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,12 +47,12 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import group_means
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device, unconditional
-from harness.rollout import Trajectory, Window, rollout
+from harness.policy import Cond, Policy, policy_device, to_device
+from harness.rollout import Trajectory, Window, replay_transition
 from harness.samplers import DanceSDE, flow_schedule
 from harness.types import Prompt
 from harness.validation import check_at_least, check_fraction, check_non_negative, check_positive, check_unit_interval
-from methods.base import Capabilities, Rollout
+from methods.base import Capabilities, Rollout, collect_trajectory
 from methods.flow_grpo import grpo_logs, grpo_loss
 
 __all__ = ["DanceGRPO", "DanceGRPOConfig", "dance_advantages", "initial_noise", "training_transitions"]
@@ -143,18 +143,12 @@ class DanceGRPO:
         self.sampler = DanceSDE(cfg.noise_level)
         self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
 
-    def _uncond(self, n: int) -> Cond | None:
-        return unconditional(self.policy, n, self.cfg.guidance_scale)
-
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
-        cfg, texts = self.cfg, [p.text for p in prompts]
+        cfg = self.cfg
         noise = initial_noise(group_ids, self.policy.sample_shape, generator, same_per_group=cfg.init_same_noise)
-        cond = self.policy.encode(texts)  # on-policy: sample with θ itself
         # The SDE on the first T − 1 steps; the last is Euler, whose result is the official image x̂0.
-        trajectory = rollout(self.policy, self.sampler, cond, noise, self.schedule, guidance_scale=cfg.guidance_scale,
-                             uncond=self._uncond(len(texts)), generator=generator, keep_trajectory=True,
-                             window=Window(0, cfg.num_steps - 1))  # fmt: skip
-        return Rollout(list(prompts), group_ids, cond, trajectory.x0, trajectory)
+        return collect_trajectory(self.policy, self.sampler, prompts, group_ids, self.schedule, generator,
+                                  guidance_scale=cfg.guidance_scale, noise=noise, window=Window(0, cfg.num_steps - 1))  # fmt: skip
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg, trajectory = self.cfg, rollout.trajectory
@@ -179,10 +173,9 @@ class DanceGRPO:
         cfg, sel = self.cfg, batch.items
         assert trajectory.latents is not None and trajectory.log_probs is not None
         j = steps[sel, batch.repeat]  # (b,) transition index per sample
-        x, x_next = trajectory.latents[sel, j], trajectory.latents[sel, j + 1]
-        t, t_next = self.schedule[j], self.schedule[j + 1]
-        v = guided_velocity(self.policy, x, t, cond_all[sel], self._uncond(len(sel)), cfg.guidance_scale)
-        log_prob = self.sampler.log_prob(x_next, self.sampler.step(v, x, t, t_next))
+        log_prob, _ = replay_transition(
+            self.policy, self.sampler, trajectory, sel, j, cond_all[sel], cfg.guidance_scale
+        )
         old_log_prob = trajectory.log_probs[sel, j]
         loss = grpo_loss(log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range)
         return loss, grpo_logs(loss, log_prob, old_log_prob, None, kl_coef=0.0, clip_range=cfg.clip_range)

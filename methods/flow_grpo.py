@@ -43,12 +43,12 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode, group_advantages, zero_std_groups
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device, unconditional
-from harness.rollout import Trajectory, rollout
-from harness.samplers import FlowSDE, Transition, flow_schedule
+from harness.policy import Cond, Policy, policy_device, to_device
+from harness.rollout import Trajectory, replay_transition
+from harness.samplers import FlowSDE, flow_schedule
 from harness.types import Prompt
 from harness.validation import check_at_least, check_fraction, check_literals, check_non_negative, check_positive
-from methods.base import Capabilities, Rollout
+from methods.base import Capabilities, Rollout, collect_trajectory
 
 __all__ = ["FlowGRPO", "FlowGRPOConfig", "gaussian_kl_mean", "grpo_logs", "grpo_loss", "zero_advantage_filter"]
 
@@ -196,26 +196,9 @@ class FlowGRPO:
         self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))
         self._first_check = False  # check_on_policy: the next real pass checks its ratio
 
-    def _uncond(self, n: int) -> Cond | None:
-        return unconditional(self.policy, n, self.cfg.rollout_cfg)
-
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
-        texts = [p.text for p in prompts]
-        noise = torch.randn((len(texts), *self.policy.sample_shape), generator=generator)
-        cond = self.policy.encode(texts)  # on-policy: sample with θ itself
-        trajectory = rollout(self.policy, self.sampler, cond, noise, self.schedule, guidance_scale=self.cfg.rollout_cfg,
-                             uncond=self._uncond(len(texts)), generator=generator, keep_trajectory=True)  # fmt: skip
-        return Rollout(list(prompts), group_ids, cond, trajectory.x0, trajectory)
-
-    def _replay(
-        self, latents: Tensor, sel: Tensor, j: int, cond: Cond, uncond: Cond | None
-    ) -> tuple[Tensor, Transition]:
-        """Log-prob under the active weights of stored transition j, and the transition (its mean and σ_t)."""
-        x, x_next = latents[sel, j], latents[sel, j + 1]
-        t = self.schedule[j].expand(len(sel))
-        v = guided_velocity(self.policy, x, t, cond, uncond, self.cfg.train_cfg)
-        transition = self.sampler.step(v, x, self.schedule[j], self.schedule[j + 1])
-        return self.sampler.log_prob(x_next, transition), transition
+        return collect_trajectory(self.policy, self.sampler, prompts, group_ids, self.schedule, generator,
+                                  guidance_scale=self.cfg.rollout_cfg)  # fmt: skip
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg, trajectory = self.cfg, rollout.trajectory
@@ -240,8 +223,8 @@ class FlowGRPO:
         """GRPO loss of one micro-batch at training transition ``batch.repeat`` (repeats: the trained steps)."""
         cfg, sel, j = self.cfg, batch.items, batch.repeat
         assert trajectory.latents is not None and trajectory.log_probs is not None
-        cond, uncond = cond_all[sel], self._uncond(len(sel))
-        log_prob, transition = self._replay(trajectory.latents, sel, j, cond, uncond)
+        cond = cond_all[sel]
+        log_prob, transition = replay_transition(self.policy, self.sampler, trajectory, sel, j, cond, cfg.train_cfg)
         old_log_prob = trajectory.log_probs[sel, j]
         ratio = torch.exp(log_prob.detach() - old_log_prob)
         if self._first_check and not batch.filler:
@@ -251,7 +234,7 @@ class FlowGRPO:
         kl = None
         if cfg.kl_coef > 0:
             with torch.no_grad(), self.policy.use_weights("ref"):
-                _, reference = self._replay(trajectory.latents, sel, j, cond, uncond)
+                _, reference = replay_transition(self.policy, self.sampler, trajectory, sel, j, cond, cfg.train_cfg)
             kl = gaussian_kl_mean(transition.mean, reference.mean, transition.sigma)
         loss = grpo_loss(log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl=kl, kl_coef=cfg.kl_coef)
         return loss, grpo_logs(loss, log_prob, old_log_prob, kl, kl_coef=cfg.kl_coef, clip_range=cfg.clip_range)

@@ -43,8 +43,8 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate
 from harness.advantages import StdMode
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, iter_batches, policy_device, to_device, unconditional
-from harness.rollout import Trajectory, Window, rollout
+from harness.policy import Cond, Policy, iter_batches, policy_device, to_device, unconditional
+from harness.rollout import Trajectory, Window, replay_transition, rollout
 from harness.samplers import Transition, flow_schedule, make_sampler
 from harness.types import Prompt
 from harness.validation import check_at_least, check_literals, check_non_negative, check_positive
@@ -149,14 +149,8 @@ class FlowGRPOFast:
         return Rollout(list(prompts), group_ids, cond, trajectory.x0, trajectory)
 
     def _replay(self, trajectory: Trajectory, sel: Tensor, j: int, cond: Cond) -> tuple[Tensor, Transition]:
-        """Log-prob under the active weights of stored window transition j, and the transition (mean, σ)."""
-        assert trajectory.latents is not None
-        x, x_next = trajectory.latents[sel, j], trajectory.latents[sel, j + 1]
-        t, t_next = trajectory.timesteps[sel, j], trajectory.timesteps[sel, j + 1]  # (b,): windows differ by chunk
-        uncond = self._uncond(len(sel), self.cfg.train_cfg)
-        v = guided_velocity(self.policy, x, t, cond, uncond, self.cfg.train_cfg)
-        transition = self.sampler.step(v, x, t, t_next)
-        return self.sampler.log_prob(x_next, transition), transition
+        """Stored window transition j under the active weights (per-sample times: windows differ by chunk)."""
+        return replay_transition(self.policy, self.sampler, trajectory, sel, j, cond, self.cfg.train_cfg)
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg, trajectory = self.cfg, rollout.trajectory

@@ -42,12 +42,12 @@ from torch import Tensor
 from harness.accumulate import MicroBatch, accumulate, filler_items, micro_batch_positions
 from harness.advantages import StdMode
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device, unconditional
-from harness.rollout import Trajectory, rollout
+from harness.policy import Cond, Policy, policy_device, to_device
+from harness.rollout import Trajectory, replay_transition
 from harness.samplers import FlowSDE, Transition, flow_schedule
 from harness.types import Prompt
 from harness.validation import check_at_least, check_fraction, check_literals, check_non_negative, check_positive
-from methods.base import Capabilities, Rollout
+from methods.base import Capabilities, Rollout, collect_trajectory
 from methods.flow_grpo import SampleFilter, gaussian_kl_mean, grpo_logs, grpo_loss, kept_samples
 
 __all__ = ["GRPOGuard", "GRPOGuardConfig", "grpo_guard_loss", "ratio_norm_log_ratio"]
@@ -156,32 +156,20 @@ class GRPOGuard:
         self.schedule = to_device(flow_schedule(cfg.num_steps, cfg.shift), policy_device(policy))  # decreasing: Δt < 0
         self._old_means: dict[tuple[int, int, int], Tensor] = {}  # (chunk, micro-batch, step) → μ_old
 
-    def _uncond(self, n: int) -> Cond | None:
-        return unconditional(self.policy, n, self.cfg.guidance_scale)
-
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
-        texts = [p.text for p in prompts]
-        noise = torch.randn((len(texts), *self.policy.sample_shape), generator=generator)
-        cond = self.policy.encode(texts)  # on-policy: sample with θ itself
-        trajectory = rollout(self.policy, self.sampler, cond, noise, self.schedule, guidance_scale=self.cfg.guidance_scale,
-                             uncond=self._uncond(len(texts)), generator=generator, keep_trajectory=True)  # fmt: skip
-        return Rollout(list(prompts), group_ids, cond, trajectory.x0, trajectory)
+        return collect_trajectory(self.policy, self.sampler, prompts, group_ids, self.schedule, generator,
+                                  guidance_scale=self.cfg.guidance_scale)  # fmt: skip
 
-    def _replay(self, latents: Tensor, sel: Tensor, j: int, cond: Cond) -> tuple[Tensor, Transition]:
-        """Log-prob under the active weights of stored transition j, and the transition (mean, std, σ_t)."""
-        x, x_next = latents[sel, j], latents[sel, j + 1]
-        v = guided_velocity(self.policy, x, self.schedule[j].expand(len(sel)), cond, self._uncond(len(sel)),
-                            self.cfg.guidance_scale)  # fmt: skip
-        transition = self.sampler.step(v, x, self.schedule[j], self.schedule[j + 1])
-        return self.sampler.log_prob(x_next, transition), transition
+    def _replay(self, trajectory: Trajectory, sel: Tensor, j: int, cond: Cond) -> tuple[Tensor, Transition]:
+        return replay_transition(self.policy, self.sampler, trajectory, sel, j, cond, self.cfg.guidance_scale)
 
     def _take_old_means(self, rollout_: Rollout, chunks: list[Tensor], generator: torch.Generator) -> None:
         """μ_old of every pass of the update's later optimizer steps, under θ before its first step.
 
         Under FSDP each chunk's micro-batches are padded with filler forwards, as the passes themselves are.
         """
-        cfg, latents = self.cfg, rollout_.trajectory.latents if rollout_.trajectory else None
-        assert latents is not None
+        cfg, trajectory = self.cfg, rollout_.trajectory
+        assert trajectory is not None
         self._old_means = {}
         with torch.no_grad():
             for c, chunk in enumerate(chunks[1:], start=1):
@@ -189,7 +177,7 @@ class GRPOGuard:
                 for b, positions in enumerate(positions_list):
                     sel = filler_items(chunk.device) if positions is None else chunk[positions]
                     for j in range(cfg.train_steps):
-                        mean = self._replay(latents, sel, j, rollout_.cond[sel])[1].mean
+                        mean = self._replay(trajectory, sel, j, rollout_.cond[sel])[1].mean
                         if positions is not None:
                             self._old_means[c, b, j] = mean
 
@@ -218,7 +206,7 @@ class GRPOGuard:
         cfg, sel, j = self.cfg, batch.items, batch.repeat
         assert trajectory.latents is not None and trajectory.log_probs is not None
         cond = cond_all[sel]
-        log_prob, transition = self._replay(trajectory.latents, sel, j, cond)
+        log_prob, transition = self._replay(trajectory, sel, j, cond)
         old_log_prob = trajectory.log_probs[sel, j]
         stored = None if batch.filler else self._old_means.get((batch.chunk, batch.index, j))
         old_mean = transition.mean.detach() if stored is None else stored  # first step: θ = θ_old
@@ -230,7 +218,7 @@ class GRPOGuard:
         kl = None
         if cfg.kl_coef > 0:
             with torch.no_grad(), self.policy.use_weights("ref"):
-                _, reference = self._replay(trajectory.latents, sel, j, cond)
+                _, reference = self._replay(trajectory, sel, j, cond)
             kl = gaussian_kl_mean(transition.mean, reference.mean, transition.sigma)
         dt = (self.schedule[j + 1] - self.schedule[j]).expand(len(sel))
         loss = _guard_loss(log_ratio, advantages[sel], dt, clip_range=cfg.clip_range, reweight=cfg.reweight,

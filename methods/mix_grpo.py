@@ -48,8 +48,8 @@ from torch import Tensor
 
 from harness.accumulate import MicroBatch, accumulate
 from harness.optim import Optimization
-from harness.policy import Cond, Policy, guided_velocity, policy_device, to_device, unconditional
-from harness.rollout import Trajectory, Window, rollout
+from harness.policy import Cond, Policy, policy_device, to_device, unconditional
+from harness.rollout import Trajectory, Window, replay_transition, rollout
 from harness.samplers import DPMSolverPP2M, EulerODE, flow_schedule, make_sampler
 from harness.types import Prompt
 from harness.validation import (
@@ -60,7 +60,7 @@ from harness.validation import (
     check_unit_interval,
     require,
 )
-from methods.base import Capabilities, Rollout
+from methods.base import Capabilities, Rollout, collect_trajectory
 from methods.dance_grpo import dance_advantages, initial_noise
 from methods.flow_grpo import grpo_logs, grpo_loss
 
@@ -183,15 +183,13 @@ class MixGRPO:
                              max_start=cfg.max_start, roll_back=cfg.roll_back)  # fmt: skip
         return window_steps(start, cfg.window_size, cfg.max_start)
 
-    def _uncond(self, n: int) -> Cond | None:
-        return unconditional(self.policy, n, self.cfg.guidance_scale)
-
     def collect(self, prompts: Sequence[Prompt], group_ids: Tensor, generator: torch.Generator) -> Rollout:
-        cfg, texts = self.cfg, [p.text for p in prompts]
+        cfg = self.cfg
         steps, self.iteration = self.current_window(), self.iteration + 1
         noise = initial_noise(group_ids, self.policy.sample_shape, generator, same_per_group=cfg.init_same_noise)
-        cond, uncond = self.policy.encode(texts), self._uncond(len(texts))  # on-policy: sample with θ itself
         if not steps:  # an empty window (start T − 2): the ODE throughout, nothing to train
+            texts = [p.text for p in prompts]
+            cond, uncond = self.policy.encode(texts), unconditional(self.policy, len(texts), cfg.guidance_scale)
             x0 = rollout(self.policy, EulerODE(), cond, noise, self.schedule, guidance_scale=cfg.guidance_scale,
                          uncond=uncond).x0  # fmt: skip
             return Rollout(list(prompts), group_ids, cond, x0)
@@ -199,9 +197,8 @@ class MixGRPO:
         schedule = self.schedule if not flash else flash_schedule(cfg.num_steps, cfg.shift, steps[-1],
                                                                   cfg.post_compress_ratio)  # fmt: skip
         window = Window(steps.start, len(steps), outside=EulerODE(), after=DPMSolverPP2M() if flash else None)
-        trajectory = rollout(self.policy, self.sampler, cond, noise, schedule, guidance_scale=cfg.guidance_scale,
-                             uncond=uncond, generator=generator, keep_trajectory=True, window=window)  # fmt: skip
-        return Rollout(list(prompts), group_ids, cond, trajectory.x0, trajectory)
+        return collect_trajectory(self.policy, self.sampler, prompts, group_ids, schedule, generator,
+                                  guidance_scale=cfg.guidance_scale, noise=noise, window=window)  # fmt: skip
 
     def update(self, rollout: Rollout, rewards: Tensor, generator: torch.Generator) -> dict[str, float]:
         cfg, trajectory = self.cfg, rollout.trajectory
@@ -225,11 +222,9 @@ class MixGRPO:
         """MixGRPO's loss of one micro-batch at window step ``batch.repeat``."""
         cfg, sel, j = self.cfg, batch.items, batch.repeat
         assert trajectory.latents is not None and trajectory.log_probs is not None
-        x, x_next = trajectory.latents[sel, j], trajectory.latents[sel, j + 1]
-        t, t_next = trajectory.timesteps[j], trajectory.timesteps[j + 1]
-        uncond = self._uncond(len(sel))
-        v = guided_velocity(self.policy, x, t.expand(len(sel)), cond_all[sel], uncond, cfg.guidance_scale)
-        log_prob = self.sampler.log_prob(x_next, self.sampler.step(v, x, t, t_next))
+        log_prob, _ = replay_transition(
+            self.policy, self.sampler, trajectory, sel, j, cond_all[sel], cfg.guidance_scale
+        )
         old_log_prob = trajectory.log_probs[sel, j]
         loss = mix_grpo_loss(log_prob, old_log_prob, advantages[sel], clip_range=cfg.clip_range, kl_coef=cfg.kl_coef)
         logs = grpo_logs(loss, log_prob, old_log_prob, None, kl_coef=0.0, clip_range=cfg.clip_range)

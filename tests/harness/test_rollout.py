@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harness.rollout import Window, rollout
+from harness.rollout import Window, replay_transition, rollout
 from harness.samplers import CPS, DPMSolverPP2M, EulerODE, FlowSDE, History, flow_schedule
 
 
@@ -62,3 +62,22 @@ def test_window_checks():
     with pytest.raises(ValueError, match="after a window must be deterministic"):
         Window(0, 1, after=FlowSDE(0.5))
     assert 2 in Window(1, 2) and 3 not in Window(1, 2) and isinstance(Window(0, 1, DPMSolverPP2M()), Window)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_replaying_a_stored_transition_gives_back_its_log_prob(tiny_policy, scale):
+    """On-policy, retaking a kept step (one j or one per sample, inside a window) reproduces the sampled log-prob."""
+    texts = ["a red circle", "two blue squares", "a green triangle"]
+    cond = tiny_policy.encode(texts)
+    uncond = tiny_policy.encode([""] * 3) if scale != 1.0 else None
+    noise = torch.randn(3, *tiny_policy.sample_shape, generator=torch.Generator().manual_seed(0))
+    trajectory = rollout(tiny_policy, FlowSDE(0.7), cond, noise, flow_schedule(5), guidance_scale=scale, uncond=uncond,
+                         generator=torch.Generator().manual_seed(1), keep_trajectory=True, window=Window(1, 3))  # fmt: skip
+    sel = torch.tensor([2, 0])
+    with torch.no_grad():
+        log_prob, transition = replay_transition(tiny_policy, FlowSDE(0.7), trajectory, sel, 1, cond[sel], scale)
+        per_sample, _ = replay_transition(tiny_policy, FlowSDE(0.7), trajectory, sel, torch.tensor([2, 1]), cond[sel],
+                                          scale)  # fmt: skip
+    assert torch.allclose(log_prob, trajectory.log_probs[sel, 1], atol=1e-6)
+    assert torch.allclose(transition.x_next, transition.mean)  # no noise drawn: the mean
+    assert torch.allclose(per_sample, trajectory.log_probs[sel, torch.tensor([2, 1])], atol=1e-6)

@@ -8,6 +8,7 @@ import torch
 
 from harness.compute import CountingPolicy, Ledger
 from harness.optim import OptimConfig, Optimization
+from harness.policy import guided_velocity, unconditional
 from harness.samplers import FlowSDE
 from harness.shapes_world.world import make_metadata
 from harness.types import Prompt
@@ -88,9 +89,8 @@ def test_first_ratio_is_one_on_policy_and_the_meter_counts(tiny_policy, cfg_scal
     latents, steps = rollout.trajectory.latents, method.schedule
     x, x_next = latents[:, 0], latents[:, 1]
     with torch.no_grad():
-        from harness.policy import guided_velocity
-
-        v = guided_velocity(method.policy, x, steps[0].expand(6), rollout.cond, method._uncond(6), cfg_scale)
+        uncond = unconditional(method.policy, 6, cfg_scale)
+        v = guided_velocity(method.policy, x, steps[0].expand(6), rollout.cond, uncond, cfg_scale)
         sde = FlowSDE(method.cfg.noise_level)
         log_prob = sde.log_prob(x_next, sde.step(v, x, steps[0], steps[1]))
     assert torch.equal(log_prob, rollout.trajectory.log_probs[:, 0])  # exactly the rollout's log-prob

@@ -135,7 +135,6 @@ def test_later_optimizer_steps_take_mu_old_before_the_update(tiny_policy, monkey
     method, ledger = counted(GRPOGuard, cfg, tiny_policy, lr=1e-2)
     prompts, groups = group_prompts(2, 3)
     rollout = method.collect(prompts, groups, torch.Generator().manual_seed(0))
-    latents = rollout.trajectory.latents
     seen: dict = {}
     take = method._take_old_means
 
@@ -147,7 +146,7 @@ def test_later_optimizer_steps_take_mu_old_before_the_update(tiny_policy, monkey
                 sel = chunks[1][positions]
                 for j in range(2):
                     assert torch.equal(
-                        seen["means"][1, b, j], method._replay(latents, sel, j, rollout.cond[sel])[1].mean
+                        seen["means"][1, b, j], method._replay(rollout.trajectory, sel, j, rollout.cond[sel])[1].mean
                     )
 
     monkeypatch.setattr(method, "_take_old_means", spy)
