@@ -97,9 +97,11 @@ def add_list(sub: Subparsers) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from benchmarks.shapes.pretrain import PretrainConfig, pretrain
+    from harness.config import call_checked, parse_overrides
 
     steps = PretrainConfig().steps if args.steps is None else args.steps
-    cfg = PretrainConfig(steps=steps, seed=args.seed, save_every=args.save_every)
+    recipe = {"steps": steps, "seed": args.seed, "save_every": args.save_every} | parse_overrides(args.set or [])
+    cfg = call_checked(PretrainConfig, recipe, "pretrain --set")
     out = pretrain(cfg, Path(args.out), resume=args.resume)
     print(f"wrote {out}")
     return 0
@@ -115,6 +117,8 @@ def add_pretrain(sub: Subparsers) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue the run in OUT from OUT/resume.pt (saved with every checkpoint)"
     )
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of the recipe (PretrainConfig), e.g. caption_noise=0.3")  # fmt: skip
     p.set_defaults(func=cmd_pretrain)
 
 

@@ -27,6 +27,11 @@ REWARDS.add(
     "GenEval: Mask2Former (mmdet or hf) + CLIP colours + official rules; FlowGRPO partial credit by default",
 )
 REWARDS.add(
+    "random_control",
+    "rewards.random_control:RandomControl",
+    "prompt-blind Bernoulli(p) per image (a hash of its bytes): the control that tells learning from drift",
+)
+REWARDS.add(
     "shapes_classifier",
     "rewards.shapes_classifier:ShapesClassifierReward",
     "differentiable proxy of shapes_geneval's partial credit: a small CNN + soft GenEval rules, in [0, 1]",

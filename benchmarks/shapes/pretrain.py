@@ -18,19 +18,30 @@ import copy
 import hashlib
 import logging
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from benchmarks.shapes.prompts import sample_prompts
+from harness.geneval_rules import TASKS
 from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, Tokenizer, save_tiny_dit
 from harness.policies.tiny_unet import TinyUNet, TinyUNetConfig
 from harness.shapes_world.render import add_distractors, draw, layout
-from harness.shapes_world.world import VOCABULARY
-from harness.validation import check_at_least, check_finite, check_non_negative, check_positive, check_unit_interval
+from harness.shapes_world.world import VOCABULARY, all_prompts
+from harness.validation import (
+    check_at_least,
+    check_finite,
+    check_literals,
+    check_non_negative,
+    check_positive,
+    check_unit_interval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,9 @@ RESUME_FILE = "resume.pt"  # the run's full state, next to its checkpoints
 BASE_ARCHITECTURE = TinyUNetConfig(vocabulary=VOCABULARY)
 # The base committed before issue 15: a patch-4 v-prediction DiT (PretrainConfig(steps=1500, caption_noise=0, threads=2)).
 DIT_ARCHITECTURE = TinyDiTConfig(vocabulary=VOCABULARY)
+
+
+CaptionNoiseScope = Literal["any", "same_objects"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +70,7 @@ class PretrainConfig:
     ema_decay: float = 0.999
     distractor_rate: float = 0.0  # mean number of unmentioned objects per training image (Poisson)
     caption_noise: float = 0.5  # probability that an image's caption describes another random scene (alt-text noise)
+    caption_noise_scope: CaptionNoiseScope = "any"  # which scene a noisy caption describes (see training_captions)
     t_logit_mean: float = 0.0  # training times t = sigmoid(N(mean, std²)) (SD3's logit-normal)
     t_logit_std: float = 1.0
     seed: int = 0
@@ -68,6 +83,7 @@ class PretrainConfig:
         check_unit_interval(self, "cond_dropout", "ema_decay", "caption_noise")
         check_positive(self, "lr", "grad_clip", "t_logit_std")
         check_finite(self, "t_logit_mean")
+        check_literals(self)
 
 
 def render_batch(prompts: list[dict], rng: np.random.Generator, distractor_rate: float = 0.0) -> torch.Tensor:
@@ -84,23 +100,41 @@ def _render(metadata: dict, rng: np.random.Generator, distractor_rate: float) ->
 
 
 def training_captions(prompts: list[dict], rng: np.random.Generator, cfg: PretrainConfig) -> list[str]:
-    """Each image's caption: with probability ``caption_noise`` another random prompt (web alt-text is
-    often unrelated to its image), then dropped to the empty prompt with probability ``cond_dropout``.
+    """Each image's caption: with probability ``caption_noise`` another prompt (web alt-text is often wrong
+    about its image), then dropped to the empty prompt with probability ``cond_dropout``.
 
-    Noisy captions make p(x | c) a mixture of the prompt's scenes and unrelated ones, as for a model
-    trained on web data: sampling without guidance follows the prompt only part of the time, while
-    CFG (which sharpens towards p(c | x)) brings out what the model knows. No draw is made when
+    Noisy captions make p(x | c) a mixture of the prompt's scenes and others, as for a model trained on
+    web data: sampling without guidance follows the prompt only part of the time, while CFG (which
+    sharpens towards p(c | x)) brings out what the model knows. ``caption_noise_scope``: ``"any"``, a
+    random prompt of any scene; ``"same_objects"``, a random prompt naming the same shape classes, so
+    that only counts, colours and positions are wrong (attribute noise). No draw is made when
     ``caption_noise`` is 0, so older recipes keep their random stream.
     """
     captions = [md["prompt"] for md in prompts]
     if cfg.caption_noise > 0:
         replaced = rng.random(len(prompts)) < cfg.caption_noise
-        others = sample_prompts(rng, len(prompts))
-        captions = [
-            other["prompt"] if swap else own for own, other, swap in zip(captions, others, replaced, strict=True)
-        ]
+        if cfg.caption_noise_scope == "any":
+            others = [other["prompt"] for other in sample_prompts(rng, len(prompts))]
+        else:
+            pools = [_prompts_naming(_classes(md)) for md in prompts]
+            others = [pool[int(rng.integers(len(pool)))] for pool in pools]
+        captions = [other if swap else own for own, other, swap in zip(captions, others, replaced, strict=True)]
     keep = rng.random(len(prompts)) >= cfg.cond_dropout
     return [caption if kept else "" for caption, kept in zip(captions, keep, strict=True)]
+
+
+def _classes(metadata: dict) -> frozenset[str]:
+    return frozenset(clause["class"] for clause in metadata["include"])
+
+
+@cache
+def _prompts_naming(classes: frozenset[str]) -> tuple[str, ...]:
+    """Every prompt of every task whose scene has exactly these shape classes, in a fixed order."""
+    by_classes: dict[frozenset[str], list[str]] = defaultdict(list)
+    for tag in TASKS:
+        for metadata in all_prompts(tag):
+            by_classes[_classes(metadata)].append(metadata["prompt"])
+    return tuple(by_classes[classes])
 
 
 def sha256_of(path: Path) -> str:

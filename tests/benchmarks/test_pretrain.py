@@ -15,7 +15,7 @@ from benchmarks.shapes.prompts import sample_prompts
 from harness.checksums import ChecksumError, verify_checksum
 from harness.policies.tiny_dit import TinyDiTConfig
 from harness.policies.tiny_unet import TinyUNetConfig
-from harness.shapes_world.world import VOCABULARY
+from harness.shapes_world.world import VOCABULARY, parse_prompt
 
 SMALL = TinyDiTConfig(vocabulary=VOCABULARY, hidden=32, depth=1, heads=2, text_layers=1)
 SMALL_UNET = TinyUNetConfig(
@@ -108,6 +108,20 @@ def test_caption_noise_replaces_captions_at_its_rate_and_draws_nothing_when_off(
     assert 0.42 < swapped < 0.5
     dropped = training_captions(prompts, np.random.default_rng(4), PretrainConfig(caption_noise=0.5, cond_dropout=0.5))
     assert 0.45 < np.mean([c == "" for c in dropped]) < 0.55
+
+
+def test_attribute_noise_keeps_the_shape_classes_and_changes_only_attributes():
+    prompts = sample_prompts(np.random.default_rng(1), 2000)
+    cfg = PretrainConfig(caption_noise=0.5, caption_noise_scope="same_objects", cond_dropout=0.0)
+    noisy = training_captions(prompts, np.random.default_rng(3), cfg)
+    changed = 0
+    for metadata, caption in zip(prompts, noisy, strict=True):
+        parsed = parse_prompt(caption)
+        assert {c["class"] for c in parsed["include"]} == {c["class"] for c in metadata["include"]}, caption
+        changed += caption != metadata["prompt"]
+    assert 0.4 < changed / len(prompts) < 0.5  # a swap lands on the same prompt now and then
+    with pytest.raises(ValueError, match="caption_noise_scope must be one of 'any', 'same_objects'"):
+        PretrainConfig(caption_noise_scope="nearby")
 
 
 def test_a_stopped_run_resumes_bit_for_bit(tmp_path):

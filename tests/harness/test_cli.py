@@ -139,3 +139,15 @@ def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["train", "shapes", "--iterations", "many"])
     assert stop.value.code == USER_ERROR  # argparse's own usage errors exit 2 as well
+
+
+def test_pretrain_set_overrides_the_recipe_and_names_a_bad_field(monkeypatch, capsys, tmp_path):
+    import benchmarks.shapes.pretrain as pretraining
+
+    seen = {}
+    monkeypatch.setattr(pretraining, "pretrain", lambda cfg, out, resume: seen.setdefault("cfg", cfg) and out)
+    assert main(["pretrain", "shapes", "--steps", "7", "--set", "caption_noise_scope=same_objects",
+                 "--set", "caption_noise=0.3", "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert (seen["cfg"].steps, seen["cfg"].caption_noise, seen["cfg"].caption_noise_scope) == (7, 0.3, "same_objects")
+    assert main(["pretrain", "shapes", "--set", "caption_nois=0.3", "--out", str(tmp_path)]) == USER_ERROR
+    assert "Did you mean 'caption_noise'?" in capsys.readouterr().err

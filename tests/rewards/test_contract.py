@@ -49,6 +49,7 @@ def options(url: str) -> dict[str, dict]:
     return {
         "shapes_geneval": {},
         "shapes_classifier": {},
+        "random_control": {},
         "ocr": {"engine": NoEngine()},
         "remote": {"url": url, "timeout": 10, "retries": 0},
         "pickscore": {"model": "/nonexistent/pickscore", "processor": "/nonexistent/pickscore"},
