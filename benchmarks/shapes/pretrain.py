@@ -116,7 +116,8 @@ def training_captions(prompts: list[dict], rng: np.random.Generator, cfg: Pretra
         if cfg.caption_noise_scope == "any":
             others = [other["prompt"] for other in sample_prompts(rng, len(prompts))]
         else:
-            pools = [_prompts_naming(_classes(md)) for md in prompts]
+            index = _prompts_by_classes()
+            pools = [index[_classes(md)] for md in prompts]
             others = [pool[int(rng.integers(len(pool)))] for pool in pools]
         captions = [other if swap else own for own, other, swap in zip(captions, others, replaced, strict=True)]
     keep = rng.random(len(prompts)) >= cfg.cond_dropout
@@ -128,13 +129,13 @@ def _classes(metadata: dict) -> frozenset[str]:
 
 
 @cache
-def _prompts_naming(classes: frozenset[str]) -> tuple[str, ...]:
-    """Every prompt of every task whose scene has exactly these shape classes, in a fixed order."""
-    by_classes: dict[frozenset[str], list[str]] = defaultdict(list)
+def _prompts_by_classes() -> dict[frozenset[str], tuple[str, ...]]:
+    """Every prompt of every task, grouped by the set of shape classes its scene has, in a fixed order."""
+    grouped: dict[frozenset[str], list[str]] = defaultdict(list)
     for tag in TASKS:
         for metadata in all_prompts(tag):
-            by_classes[_classes(metadata)].append(metadata["prompt"])
-    return tuple(by_classes[classes])
+            grouped[_classes(metadata)].append(metadata["prompt"])
+    return {classes: tuple(texts) for classes, texts in grouped.items()}
 
 
 def sha256_of(path: Path) -> str:

@@ -29,8 +29,6 @@ from methods.diffusion_nft import DiffusionNFT, DiffusionNFTConfig
 from rewards.shapes import ShapesGenEval
 from tests.conftest import make_tiny_policy
 from tests.harness import fsdp_worker as worker
-from tests.harness.policies.tiny_flux import save_tiny_flux_pipeline
-from tests.harness.policies.tiny_sd3 import save_tiny_sd3_pipeline
 from tests.harness.test_distributed import REPO, free_port
 
 CONFIG = REPO / "harness" / "launch" / "8gpu_fsdp.yaml"
@@ -49,22 +47,12 @@ def launch_fsdp(*module_and_args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def sd3_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3"))
-
-
-@pytest.fixture(scope="module")
-def flux_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux"))
-
-
-@pytest.fixture(scope="module")
 def launch(
-    tmp_path_factory: pytest.TempPathFactory, sd3_pipeline: Path, flux_pipeline: Path
+    tmp_path_factory: pytest.TempPathFactory, tiny_sd3_dir: Path, tiny_flux_dir: Path
 ) -> tuple[Path, list[dict]]:
     """The worker's reports (full tensors) and its output folder."""
     out = tmp_path_factory.mktemp("fsdp")
-    launch_fsdp("tests.harness.fsdp_worker", str(out), str(sd3_pipeline), str(flux_pipeline))
+    launch_fsdp("tests.harness.fsdp_worker", str(out), str(tiny_sd3_dir), str(tiny_flux_dir))
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -148,16 +136,16 @@ def test_checkpoint_saved_under_fsdp_loads_in_one_process(launch, tmp_path):
     assert_close(policy.weight_state("old"), sharded["old"])
 
 
-def test_lora_step_under_fsdp_equals_one_process_and_data_parallel(launch, sd3_pipeline, flux_pipeline):
+def test_lora_step_under_fsdp_equals_one_process_and_data_parallel(launch, tiny_sd3_dir, tiny_flux_dir):
     _, reports = launch
-    sd3 = worker.one_step(SINGLE, worker.load_sd3(sd3_pipeline), worker.SD3_PROMPTS)
-    flux = worker.one_step(SINGLE, worker.load_flux(flux_pipeline), worker.SD3_PROMPTS)
+    sd3 = worker.one_step(SINGLE, worker.load_sd3(tiny_sd3_dir), worker.SD3_PROMPTS)
+    flux = worker.one_step(SINGLE, worker.load_flux(tiny_flux_dir), worker.SD3_PROMPTS)
     for report in reports:
         assert_one_step_matches(report["sd3_one_step"], sd3)
         assert_one_step_matches(report["flux_one_step"], flux)
 
 
-def test_sd3_lora_training_under_fsdp_checkpoints_and_saves_the_lora(launch, sd3_pipeline, tmp_path):
+def test_sd3_lora_training_under_fsdp_checkpoints_and_saves_the_lora(launch, tiny_sd3_dir, tmp_path):
     out, reports = launch
     for report in reports:
         sharded, replicated = report["sd3_end_to_end"]["fsdp"], report["sd3_end_to_end"]["dp"]
@@ -168,12 +156,12 @@ def test_sd3_lora_training_under_fsdp_checkpoints_and_saves_the_lora(launch, sd3
     trained = reports[0]["sd3_end_to_end"]["fsdp"]
     assert any(v.abs().sum() > 0 for k, v in trained["weights"].items() if "lora_B" in k)  # B moved off 0
     for rank in (0, 1):  # save_lora gathered the shards on every process
-        fresh = worker.load_sd3(sd3_pipeline)
+        fresh = worker.load_sd3(tiny_sd3_dir)
         fresh.load_lora(out / f"sd3_lora_fsdp_rank{rank}")
         assert_close(fresh.weight_state("train"), trained["weights"])
     checkpoint = tmp_path / "sd3.pt"
     shutil.copy(out / "sd3_fsdp.pt", checkpoint)
-    policy = worker.load_sd3(sd3_pipeline)
+    policy = worker.load_sd3(tiny_sd3_dir)
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=2, images_per_prompt=2)
     result = train(DiffusionNFT, DiffusionNFTConfig(num_steps=2, train_batch_size=4), policy,
                    FixedPrompts(name="tiny", prompts=tuple(worker.SD3_PROMPTS[:3])), Brightness(), loop,

@@ -27,7 +27,6 @@ from harness.suite_model import FLUX_DEV_SCHEDULER, expected_flux_shift
 from methods import METHODS
 from rewards import REWARDS
 from tests.harness.policies import tiny_flux
-from tests.harness.policies.tiny_flux import save_tiny_flux_pipeline
 
 # The tiny pipeline's VAE halves the side once (vae_scale_factor 2): 16 px → an 8 × 8 latent → 16 packed tokens.
 TINY_SHIFT = math.exp(dynamic_shift_mu(16, tiny_flux.FLUX_DEV_SCHEDULER))  # 1.583, FluxPipeline's at 16 px
@@ -71,9 +70,9 @@ TINY_FLUX = {
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
+def pipeline(tiny_flux_dir) -> Path:
     """The tiny FLUX.1-dev-like pipeline saved to disk (guidance embedding, FLUX.1-dev's scheduler)."""
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux"))
+    return tiny_flux_dir
 
 
 def tiny(pipeline: Path, **model: object) -> dict:

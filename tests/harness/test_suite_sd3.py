@@ -18,7 +18,6 @@ from harness.runner import SuiteOutcome, run_suite
 from harness.store import read_results
 from harness.suite import load_suite, validate_suite
 from rewards import REWARDS
-from tests.harness.policies.tiny_sd3 import save_tiny_sd3_pipeline
 
 # One DiffusionNFT and one FlowGRPO cell on the tiny pipeline (16 px images), one iteration each. The shapes
 # benchmark judges any image size by rules, with no weights to download (the end-to-end run trains on a
@@ -184,18 +183,17 @@ def test_the_builtin_sd35_suite_validates_offline_with_the_official_recipes(no_d
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Iterator[tuple[dict, Path, SuiteOutcome]]:
+def tiny_run(tmp_path_factory, tiny_sd3_dir) -> Iterator[tuple[dict, Path, SuiteOutcome]]:
     """(suite data, results folder, outcome) of TINY_SD3 on the tiny pipeline, offline.
 
     Training uses a test-only reward, mean brightness (harness/bench/sd3_check.py): the rule-based shapes
     reward gives every image of a group the same score on this random model, and FlowGRPO then skips the update.
     """
-    pipeline = save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3"))
     out = tmp_path_factory.mktemp("run")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         with REWARDS.temporarily("brightness", f"{sd3_check.__name__}:Brightness"):
-            data = {**with_model(checkpoint=str(pipeline)), "rewards": {"brightness": {}}}
+            data = {**with_model(checkpoint=str(tiny_sd3_dir)), "rewards": {"brightness": {}}}
             yield data, out, run_suite(validate_suite(data), out, progress=False)
 
 

@@ -29,19 +29,14 @@ from harness.trainer import LoopConfig, train
 from methods import METHODS
 from methods.diffusion_nft import DiffusionNFTConfig
 from methods.flow_grpo import FlowGRPOConfig
-from tests.harness.policies.tiny_flux import build_tiny_flux_pipeline, save_tiny_flux_pipeline
+from tests.harness.policies.tiny_flux import build_tiny_flux_pipeline
 
 CFG = FluxPolicyConfig(resolution=16, dtype="fp32", lora=FluxLoRAConfig(rank=4, alpha=8.0))
 PROMPTS = ["a red cube", "two blue balls", "a green cat"]
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux"))
-
-
-def load(pipeline_dir: Path, cfg: FluxPolicyConfig = CFG) -> FluxPolicy:
-    return FluxPolicy.from_pretrained(pipeline_dir, cfg, device="cpu")
+def load(tiny_flux_dir: Path, cfg: FluxPolicyConfig = CFG) -> FluxPolicy:
+    return FluxPolicy.from_pretrained(tiny_flux_dir, cfg, device="cpu")
 
 
 def inputs(policy: FluxPolicy, seed: int = 0, batch: int = 3):
@@ -84,8 +79,8 @@ def one_step(policy: FluxPolicy, seed: int = 1) -> None:
     optimizer.step()
 
 
-def test_shapes_dtypes_lora_targets_and_the_prompt_cache(pipeline_dir):
-    policy = load(pipeline_dir)
+def test_shapes_dtypes_lora_targets_and_the_prompt_cache(tiny_flux_dir):
+    policy = load(tiny_flux_dir)
     assert isinstance(policy, Policy) and isinstance(policy, ResumablePolicy) and not policy.supports_cfg
     assert policy.sample_shape == (4, 8, 8) and policy.image_seq_len == 16  # 16 px / vae 2; 4 × 4 packed tokens
     calls: list[list[str]] = []
@@ -123,12 +118,12 @@ def test_packing_is_the_pipelines():
     assert torch.equal(latent_image_ids(6, 8), FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
 
 
-def test_sampling_and_decoding_match_flux_pipeline(pipeline_dir):
+def test_sampling_and_decoding_match_flux_pipeline(tiny_flux_dir):
     """policy.schedule + policy.velocity + Euler reproduce FluxPipeline.__call__'s latents and images."""
     from diffusers import FluxPipeline
 
-    policy = load(pipeline_dir)
-    pipe = FluxPipeline.from_pretrained(pipeline_dir)
+    policy = load(tiny_flux_dir)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
     cond = policy.encode(PROMPTS[:2])
     noise = torch.randn(2, *policy.sample_shape, generator=torch.Generator().manual_seed(3))
     call = {
@@ -146,17 +141,17 @@ def test_sampling_and_decoding_match_flux_pipeline(pipeline_dir):
     assert torch.allclose(policy.decode(x), images, atol=1e-5)
 
 
-def test_schedule_is_resolution_dependent_as_the_pipelines(pipeline_dir):
+def test_schedule_is_resolution_dependent_as_the_pipelines(tiny_flux_dir):
     from diffusers import FluxPipeline
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    policy = load(pipeline_dir)
+    policy = load(tiny_flux_dir)
     config = policy.scheduler_config
     for tokens, expected in ((256, 0.5), (1024, 0.63), (4096, 1.15)):  # 256, 512, 1024 px for FLUX.1-dev
         assert dynamic_shift_mu(tokens, config) == pytest.approx(calculate_shift(tokens), abs=1e-12)
         assert dynamic_shift_mu(tokens, config) == pytest.approx(expected)
     # The pipeline at 32 px (64 tokens) shifts less than at 16 px would not tell apart: compare 32 px directly.
-    pipe = FluxPipeline.from_pretrained(pipeline_dir)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
     cond = policy.encode(PROMPTS[:1])
     pipe(prompt_embeds=cond.tensors["prompt_embeds"], pooled_prompt_embeds=cond.tensors["pooled_prompt_embeds"],
          num_inference_steps=3, height=32, width=32, output_type="latent")  # fmt: skip
@@ -169,18 +164,18 @@ def test_schedule_is_resolution_dependent_as_the_pipelines(pipeline_dir):
         policy.schedule(0)
 
 
-def test_velocity_is_v_with_the_distilled_guidance(pipeline_dir):
-    policy = load(pipeline_dir)
+def test_velocity_is_v_with_the_distilled_guidance(tiny_flux_dir):
+    policy = load(tiny_flux_dir)
     x, t, cond = inputs(policy)
     with torch.no_grad():
         v = policy.velocity(x, t, cond)
         assert torch.allclose(v, raw_transformer(policy.transformer, x, t, cond), atol=1e-5)
-        other = load(pipeline_dir, FluxPolicyConfig(resolution=16, dtype="fp32", lora=CFG.lora, guidance=1.0))
+        other = load(tiny_flux_dir, FluxPolicyConfig(resolution=16, dtype="fp32", lora=CFG.lora, guidance=1.0))
         assert (other.velocity(x, t, cond) - v).abs().max() > 1e-4  # the guidance embedding is used
     with pytest.raises(ValueError, match="does not support classifier-free guidance"):
         guided_velocity(policy, x, t, cond, policy.encode([""] * 3), 4.5)
     with pytest.raises(ValueError, match="guidance=None"):
-        load(pipeline_dir, FluxPolicyConfig(resolution=16, dtype="fp32", guidance=None))
+        load(tiny_flux_dir, FluxPolicyConfig(resolution=16, dtype="fp32", guidance=None))
     # A transformer without a guidance embedding (FLUX.1-schnell) takes guidance=None and refuses a scale.
     schnell = build_tiny_flux_pipeline(seed=1, guidance_embeds=False)
     parts = (
@@ -196,8 +191,8 @@ def test_velocity_is_v_with_the_distilled_guidance(pipeline_dir):
         FluxPolicy(*parts, FluxPolicyConfig(resolution=16, dtype="fp32", lora=CFG.lora))
 
 
-def test_weight_sets_train_old_ref(pipeline_dir):
-    policy = load(pipeline_dir)
+def test_weight_sets_train_old_ref(tiny_flux_dir):
+    policy = load(tiny_flux_dir)
     x, t, cond = inputs(policy)
     before = velocities(policy, x, t, cond)
     assert torch.equal(before["train"], before["ref"]) and torch.equal(before["old"], before["ref"])  # LoRA B = 0
@@ -214,21 +209,21 @@ def test_weight_sets_train_old_ref(pipeline_dir):
     assert not any(p.requires_grad for p in policy._lora.old_params)
 
 
-def test_lora_save_and_load(pipeline_dir, tmp_path):
+def test_lora_save_and_load(tiny_flux_dir, tmp_path):
     from diffusers import FluxPipeline
 
-    policy = load(pipeline_dir)
+    policy = load(tiny_flux_dir)
     one_step(policy)
     x, t, cond = inputs(policy)
     with torch.no_grad():
         v_theta = policy.velocity(x, t, cond)
     policy.save_lora(tmp_path / "theta")
     # 1. Back into a fresh policy.
-    fresh = load(pipeline_dir)
+    fresh = load(tiny_flux_dir)
     fresh.load_lora(tmp_path / "theta")
     assert torch.equal(velocities(fresh, x, t, cond)["train"], v_theta)
     # 2. Through diffusers' own loader (α/r = 2 must come from the file's metadata).
-    pipe = FluxPipeline.from_pretrained(pipeline_dir)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
     pipe.load_lora_weights(tmp_path / "theta")
     assert torch.allclose(raw_transformer(pipe.transformer, x, t, cond), v_theta, atol=1e-5)
     # 3. Given tensors (the EMA's shadow): zeros give back the base model.
@@ -243,14 +238,14 @@ def test_lora_save_and_load(pipeline_dir, tmp_path):
         policy.trainable_parameters()[1].add_(1.0)
     policy.load_weight_state("train", state)
     assert torch.equal(velocities(policy, x, t, cond)["train"], v_theta)
-    other = load(pipeline_dir, FluxPolicyConfig(resolution=16, dtype="fp32", lora=FluxLoRAConfig(rank=2, alpha=8.0)))
+    other = load(tiny_flux_dir, FluxPolicyConfig(resolution=16, dtype="fp32", lora=FluxLoRAConfig(rank=2, alpha=8.0)))
     with pytest.raises(ValueError, match="r=4"):
         other.load_lora(tmp_path / "theta")
 
 
-def test_gradient_checkpointing_and_bf16(pipeline_dir):
-    base = load(pipeline_dir)
-    checkpointed = load(pipeline_dir, FluxPolicyConfig(resolution=16, dtype="fp32", lora=CFG.lora,
+def test_gradient_checkpointing_and_bf16(tiny_flux_dir):
+    base = load(tiny_flux_dir)
+    checkpointed = load(tiny_flux_dir, FluxPolicyConfig(resolution=16, dtype="fp32", lora=CFG.lora,
                                                        gradient_checkpointing=True))  # fmt: skip
     grads = []
     for policy in (base, checkpointed):
@@ -262,7 +257,7 @@ def test_gradient_checkpointing_and_bf16(pipeline_dir):
         grads.append([p.grad for p in policy.trainable_parameters()])
     for g0, g1 in zip(*grads, strict=True):
         assert torch.allclose(g0, g1, atol=1e-6)
-    bf16 = load(pipeline_dir, FluxPolicyConfig(resolution=16, dtype="bf16", lora=CFG.lora))
+    bf16 = load(tiny_flux_dir, FluxPolicyConfig(resolution=16, dtype="bf16", lora=CFG.lora))
     assert bf16.transformer.x_embedder.weight.dtype == torch.bfloat16 and bf16.vae.dtype == torch.float32
     x, t, cond = inputs(bf16)
     v = bf16.velocity(x, t, cond)
@@ -271,15 +266,15 @@ def test_gradient_checkpointing_and_bf16(pipeline_dir):
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in bf16.trainable_parameters())
 
 
-def test_config_errors_name_the_field(pipeline_dir):
+def test_config_errors_name_the_field(tiny_flux_dir):
     with pytest.raises(ValueError, match=r"resolution=14 .* 2 × vae_scale_factor = 4"):
-        load(pipeline_dir, FluxPolicyConfig(resolution=14, dtype="fp32"))
+        load(tiny_flux_dir, FluxPolicyConfig(resolution=14, dtype="fp32"))
     with pytest.raises(ValueError, match=r"FluxPolicyConfig\.dtype='fp16'.*loss scaling"):
-        load(pipeline_dir, FluxPolicyConfig(resolution=16, dtype="fp16"))
+        load(tiny_flux_dir, FluxPolicyConfig(resolution=16, dtype="fp16"))
     with pytest.raises(ValueError, match=r"FluxLoRAConfig\.target_modules"):
-        load(pipeline_dir, FluxPolicyConfig(resolution=16, dtype="fp32", lora=FluxLoRAConfig(target_modules=("x",))))
+        load(tiny_flux_dir, FluxPolicyConfig(resolution=16, dtype="fp32", lora=FluxLoRAConfig(target_modules=("x",))))
     with pytest.raises(ValueError, match=r"FluxPolicyConfig\.max_cached_prompts"):
-        load(pipeline_dir, FluxPolicyConfig(resolution=16, dtype="fp32", max_cached_prompts=0))
+        load(tiny_flux_dir, FluxPolicyConfig(resolution=16, dtype="fp32", max_cached_prompts=0))
 
 
 @pytest.mark.parametrize(
@@ -293,8 +288,8 @@ def test_config_errors_name_the_field(pipeline_dir):
         ),  # fmt: skip
     ],
 )
-def test_one_iteration_through_the_trainer(pipeline_dir, tmp_path, name, method_cfg):
-    policy = load(pipeline_dir)
+def test_one_iteration_through_the_trainer(tiny_flux_dir, tmp_path, name, method_cfg):
+    policy = load(tiny_flux_dir)
     start = [p.detach().clone() for p in policy.trainable_parameters()]
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=2, images_per_prompt=2)
     benchmark = FixedPrompts(name="tiny_prompts", prompts=tuple(PROMPTS))

@@ -17,20 +17,14 @@ from harness.samplers import EulerODE, flow_schedule
 from harness.trainer import LoopConfig, train
 from methods import METHODS
 from methods.diffusion_nft import DiffusionNFTConfig
-from tests.harness.policies.tiny_sd3 import save_tiny_sd3_pipeline
 from tests.methods.forward_smoke import Redness
 
 CFG = SD3PolicyConfig(resolution=16, dtype="fp32", lora=SD3LoRAConfig(rank=4, alpha=8.0))
 PROMPTS = ["a red cube", "two blue balls", "a green cat"]
 
 
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3"))
-
-
-def load(pipeline_dir: Path, cfg: SD3PolicyConfig = CFG) -> SD3Policy:
-    return SD3Policy.from_pretrained(pipeline_dir, cfg, device="cpu")
+def load(tiny_sd3_dir: Path, cfg: SD3PolicyConfig = CFG) -> SD3Policy:
+    return SD3Policy.from_pretrained(tiny_sd3_dir, cfg, device="cpu")
 
 
 def inputs(policy: SD3Policy, seed: int = 0, batch: int = 3):
@@ -63,8 +57,8 @@ def one_step(policy: SD3Policy, seed: int = 1) -> None:
     optimizer.step()
 
 
-def test_shapes_dtypes_and_the_prompt_cache(pipeline_dir):
-    policy = load(pipeline_dir)
+def test_shapes_dtypes_and_the_prompt_cache(tiny_sd3_dir):
+    policy = load(tiny_sd3_dir)
     assert isinstance(policy, Policy)
     assert policy.sample_shape == (4, 8, 8)  # 16 px / vae factor 2, 4 latent channels
     calls: list[list[str]] = []
@@ -88,8 +82,8 @@ def test_shapes_dtypes_and_the_prompt_cache(pipeline_dir):
     )
 
 
-def test_prompt_cache_is_a_cpu_lru_that_keeps_the_empty_prompt(pipeline_dir):
-    policy = load(pipeline_dir, SD3PolicyConfig(resolution=16, dtype="fp32", lora=CFG.lora, max_cached_prompts=2))
+def test_prompt_cache_is_a_cpu_lru_that_keeps_the_empty_prompt(tiny_sd3_dir):
+    policy = load(tiny_sd3_dir, SD3PolicyConfig(resolution=16, dtype="fp32", lora=CFG.lora, max_cached_prompts=2))
     calls: list[list[str]] = []
     encoder = policy.prompt_encoder
     policy.prompt_encoder = lambda prompts: (calls.append(list(prompts)), encoder(prompts))[1]
@@ -108,15 +102,15 @@ def test_prompt_cache_is_a_cpu_lru_that_keeps_the_empty_prompt(pipeline_dir):
         policy.encode(["x", "y", "z"])
     assert "" in policy._cache and len(policy._cache) == 3
     with pytest.raises(ValueError, match="max_cached_prompts"):
-        load(pipeline_dir, SD3PolicyConfig(resolution=16, dtype="fp32", max_cached_prompts=0))
+        load(tiny_sd3_dir, SD3PolicyConfig(resolution=16, dtype="fp32", max_cached_prompts=0))
 
 
-def test_vae_is_loaded_in_its_own_dtype(pipeline_dir):
+def test_vae_is_loaded_in_its_own_dtype(tiny_sd3_dir):
     """bf16 transformer, fp32 VAE: the VAE's weights are the file's fp32 values, not a bf16 round trip."""
     from diffusers import AutoencoderKL
 
-    policy = load(pipeline_dir, SD3PolicyConfig(resolution=16, dtype="bf16", vae_dtype="fp32", lora=CFG.lora))
-    reference = AutoencoderKL.from_pretrained(pipeline_dir / "vae", dtype=torch.float32).state_dict()
+    policy = load(tiny_sd3_dir, SD3PolicyConfig(resolution=16, dtype="bf16", vae_dtype="fp32", lora=CFG.lora))
+    reference = AutoencoderKL.from_pretrained(tiny_sd3_dir / "vae", dtype=torch.float32).state_dict()
     weights = policy.vae.state_dict()
     assert set(weights) == set(reference)
     assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k], reference[k]) for k in reference)
@@ -124,11 +118,11 @@ def test_vae_is_loaded_in_its_own_dtype(pipeline_dir):
     assert policy.prompt_encoder.pipeline.text_encoder.dtype == torch.bfloat16
 
 
-def test_velocity_and_time_follow_the_diffusers_scheduler(pipeline_dir):
+def test_velocity_and_time_follow_the_diffusers_scheduler(tiny_sd3_dir):
     """x_t = (1 − t)x0 + tε is ``scale_noise``; an Euler step with v equals ``scheduler.step`` on the raw output."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    policy = load(pipeline_dir)
+    policy = load(tiny_sd3_dir)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(policy.scheduler_config)
     scheduler.set_timesteps(4)
     x0, noise = torch.randn(2, *policy.sample_shape), torch.randn(2, *policy.sample_shape)
@@ -149,10 +143,10 @@ def test_velocity_and_time_follow_the_diffusers_scheduler(pipeline_dir):
     assert torch.allclose(EulerODE().step(v, x_t, sigma, sigma_next).x_next, expected, atol=1e-5)
 
 
-def test_schedule_is_the_pipeline_schedulers(pipeline_dir):
+def test_schedule_is_the_pipeline_schedulers(tiny_sd3_dir):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    policy = load(pipeline_dir)
+    policy = load(tiny_sd3_dir)
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(policy.scheduler_config)
     scheduler.set_timesteps(10)
     schedule = policy.schedule(10)
@@ -172,8 +166,8 @@ def test_schedule_is_the_pipeline_schedulers(pipeline_dir):
         policy.schedule(0)
 
 
-def test_weight_sets_train_old_ref(pipeline_dir):
-    policy = load(pipeline_dir)
+def test_weight_sets_train_old_ref(tiny_sd3_dir):
+    policy = load(tiny_sd3_dir)
     x, t, cond = inputs(policy)
     before = velocities(policy, x, t, cond)
     assert torch.equal(before["train"], before["ref"]) and torch.equal(before["old"], before["ref"])  # LoRA B = 0
@@ -192,21 +186,21 @@ def test_weight_sets_train_old_ref(pipeline_dir):
         policy.use_weights("ema").__enter__()  # type: ignore[arg-type]
 
 
-def test_lora_save_and_load(pipeline_dir, tmp_path):
+def test_lora_save_and_load(tiny_sd3_dir, tmp_path):
     from diffusers import StableDiffusion3Pipeline
 
-    policy = load(pipeline_dir)
+    policy = load(tiny_sd3_dir)
     one_step(policy)
     x, t, cond = inputs(policy)
     with torch.no_grad():
         v_theta = policy.velocity(x, t, cond)
     policy.save_lora(tmp_path / "theta")
     # 1. Back into a fresh policy.
-    fresh = load(pipeline_dir)
+    fresh = load(tiny_sd3_dir)
     fresh.load_lora(tmp_path / "theta")
     assert torch.equal(velocities(fresh, x, t, cond)["train"], v_theta)
     # 2. Through diffusers' own loader (α/r = 2 must come from the file's metadata).
-    pipe = StableDiffusion3Pipeline.from_pretrained(pipeline_dir)
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
     pipe.load_lora_weights(tmp_path / "theta")
     with torch.no_grad():
         v_pipe = pipe.transformer(
@@ -229,14 +223,14 @@ def test_lora_save_and_load(pipeline_dir, tmp_path):
         policy.trainable_parameters()[1].add_(1.0)
     policy.load_weight_state("train", state)
     assert torch.equal(velocities(policy, x, t, cond)["train"], v_theta)
-    other = load(pipeline_dir, SD3PolicyConfig(resolution=16, dtype="fp32", lora=SD3LoRAConfig(rank=2, alpha=8.0)))
+    other = load(tiny_sd3_dir, SD3PolicyConfig(resolution=16, dtype="fp32", lora=SD3LoRAConfig(rank=2, alpha=8.0)))
     with pytest.raises(ValueError, match="r=4"):
         other.load_lora(tmp_path / "theta")
 
 
-def test_gradient_checkpointing_and_bf16(pipeline_dir):
-    base = load(pipeline_dir)
-    checkpointed = load(pipeline_dir, SD3PolicyConfig(resolution=16, dtype="fp32", lora=CFG.lora,
+def test_gradient_checkpointing_and_bf16(tiny_sd3_dir):
+    base = load(tiny_sd3_dir)
+    checkpointed = load(tiny_sd3_dir, SD3PolicyConfig(resolution=16, dtype="fp32", lora=CFG.lora,
                                                       gradient_checkpointing=True))  # fmt: skip
     for policy in (base, checkpointed):
         with torch.no_grad():  # identical non-zero LoRA in both
@@ -249,7 +243,7 @@ def test_gradient_checkpointing_and_bf16(pipeline_dir):
         grads.append([p.grad for p in policy.trainable_parameters()])
     for g0, g1 in zip(*grads, strict=True):
         assert torch.allclose(g0, g1, atol=1e-6)
-    bf16 = load(pipeline_dir, SD3PolicyConfig(resolution=16, dtype="bf16", lora=CFG.lora))
+    bf16 = load(tiny_sd3_dir, SD3PolicyConfig(resolution=16, dtype="bf16", lora=CFG.lora))
     assert bf16.transformer.pos_embed.proj.weight.dtype == torch.bfloat16
     x, t, cond = inputs(bf16)
     v = bf16.velocity(x, t, cond)
@@ -258,15 +252,15 @@ def test_gradient_checkpointing_and_bf16(pipeline_dir):
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in bf16.trainable_parameters())
 
 
-def test_config_errors_name_the_field(pipeline_dir):
+def test_config_errors_name_the_field(tiny_sd3_dir):
     with pytest.raises(ValueError, match="resolution"):
-        load(pipeline_dir, SD3PolicyConfig(resolution=15, dtype="fp32"))
+        load(tiny_sd3_dir, SD3PolicyConfig(resolution=15, dtype="fp32"))
     with pytest.raises(ValueError, match="dtype"):
-        load(pipeline_dir, SD3PolicyConfig(resolution=16, dtype="fp64"))  # type: ignore[arg-type]
+        load(tiny_sd3_dir, SD3PolicyConfig(resolution=16, dtype="fp64"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"SD3PolicyConfig\.dtype='fp16'.*loss scaling.*dtype='bf16'"):
-        load(pipeline_dir, SD3PolicyConfig(resolution=16, dtype="fp16"))
+        load(tiny_sd3_dir, SD3PolicyConfig(resolution=16, dtype="fp16"))
     with pytest.raises(ValueError, match="target_modules"):
-        load(pipeline_dir, SD3PolicyConfig(resolution=16, dtype="fp32", lora=SD3LoRAConfig(target_modules=("nope",))))
+        load(tiny_sd3_dir, SD3PolicyConfig(resolution=16, dtype="fp32", lora=SD3LoRAConfig(target_modules=("nope",))))
 
 
 def tiny_prompts() -> FixedPrompts:
@@ -302,10 +296,10 @@ def one_iteration_config(name: str) -> object:
 
 
 @pytest.mark.parametrize("name", METHODS.keys())
-def test_one_iteration_of_every_method_through_the_trainer(pipeline_dir, name):
+def test_one_iteration_of_every_method_through_the_trainer(tiny_sd3_dir, name):
     """Every registered method trains the LoRA for one iteration: a finite loss, LoRA B moved off 0, counters agree."""
     method_cls = METHODS.get(name)
-    policy = load(pipeline_dir)
+    policy = load(tiny_sd3_dir)
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=2, images_per_prompt=2)
     reward = Redness() if method_cls.capabilities.needs_differentiable_reward else Brightness()
     result = train(method_cls, one_iteration_config(name), policy, tiny_prompts(), reward, loop, OptimConfig(lr=1e-3),
@@ -323,11 +317,11 @@ def test_one_iteration_of_every_method_through_the_trainer(pipeline_dir, name):
     assert ledger.forward["eval"] == 0 and row["compute/fwd_equiv"] == ledger.fwd_equiv
 
 
-def test_ema_weights_from_a_run_checkpoint(pipeline_dir, tmp_path, monkeypatch):
+def test_ema_weights_from_a_run_checkpoint(tiny_sd3_dir, tmp_path, monkeypatch):
     """train() keeps the EMA only in its checkpoint (optim → ema → shadow); the helper turns it into a LoRA file."""
     import harness.trainer
 
-    policy = load(pipeline_dir)
+    policy = load(tiny_sd3_dir)
     loop = LoopConfig(iterations=1, evaluate=False, prompts_per_iteration=2, images_per_prompt=2)
     saved = {}
     save = harness.trainer.save_checkpoint
@@ -343,7 +337,7 @@ def test_ema_weights_from_a_run_checkpoint(pipeline_dir, tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(shadow, saved["shadow"], strict=True))
     assert any(s.abs().sum() > 0 for s in shadow[1::2])  # lora_B moved away from 0
     policy.save_lora(tmp_path / "ema", tensors=shadow)
-    fresh = load(pipeline_dir)
+    fresh = load(tiny_sd3_dir)
     fresh.load_lora(tmp_path / "ema")
     assert all(torch.equal(a, b) for a, b in zip(fresh.trainable_parameters(), shadow, strict=True))
     torch.save({"weights": {}}, tmp_path / "other.pt")

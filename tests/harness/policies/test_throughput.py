@@ -24,21 +24,9 @@ from harness.policies.sd3 import SD3LoRAConfig, SD3Policy, SD3PolicyConfig
 from harness.trainer import LoopConfig, train
 from methods import METHODS
 from methods.diffusion_nft import DiffusionNFTConfig
-from tests.harness.policies.tiny_flux import save_tiny_flux_pipeline
-from tests.harness.policies.tiny_sd3 import save_tiny_sd3_pipeline
 
 LORA = {"rank": 4, "alpha": 8.0}
 PROMPTS = ["a red cube", "two blue balls", "a green cat"]
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_sd3_pipeline(tmp_path_factory.mktemp("tiny_sd3"))
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux"))
 
 
 def sd3(folder: Path, **options: object) -> SD3Policy:
@@ -99,20 +87,20 @@ def test_attention_backend_names_are_checked_before_any_model_loads():
 
 
 # ------------------------------------------------------------------------------------------- attention
-def test_sd3_attention_kernel_gives_the_same_velocity(sd3_dir):
-    plain = velocity_and_grads(sd3(sd3_dir))
-    math = sd3(sd3_dir, attention_backend="_native_math")
+def test_sd3_attention_kernel_gives_the_same_velocity(tiny_sd3_dir):
+    plain = velocity_and_grads(sd3(tiny_sd3_dir))
+    math = sd3(tiny_sd3_dir, attention_backend="_native_math")
     assert math.throughput.sdpa_backend == torch.nn.attention.SDPBackend.MATH
     assert_same(plain, velocity_and_grads(math))
-    assert_same(plain, velocity_and_grads(sd3(sd3_dir, attention_backend="native")), atol=0.0)
+    assert_same(plain, velocity_and_grads(sd3(tiny_sd3_dir, attention_backend="native")), atol=0.0)
 
 
-def test_flux_attention_backend_goes_through_diffusers_and_stays_in_its_model(flux_dir):
+def test_flux_attention_backend_goes_through_diffusers_and_stays_in_its_model(tiny_flux_dir):
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
     default = _AttentionBackendRegistry.get_active_backend()[0]
-    plain = velocity_and_grads(flux(flux_dir))
-    math = flux(flux_dir, attention_backend="_native_math")
+    plain = velocity_and_grads(flux(tiny_flux_dir))
+    math = flux(tiny_flux_dir, attention_backend="_native_math")
     backends = {str(p._attention_backend.value) for p in math.transformer.attn_processors.values()}
     assert backends == {"_native_math"}
     assert _AttentionBackendRegistry.get_active_backend()[0] == default  # not the process-wide default
@@ -134,11 +122,11 @@ def lora_input_dtypes(policy) -> Counter:
     return seen
 
 
-def test_bf16_throughout_keeps_fp32_lora_masters_and_the_velocity(sd3_dir):
-    reference = velocity_and_grads(sd3(sd3_dir))
-    pure = sd3(sd3_dir, dtype="bf16", autocast=False)
+def test_bf16_throughout_keeps_fp32_lora_masters_and_the_velocity(tiny_sd3_dir):
+    reference = velocity_and_grads(sd3(tiny_sd3_dir))
+    pure = sd3(tiny_sd3_dir, dtype="bf16", autocast=False)
     # Under autocast peft hands the LoRA an fp32 copy of its input; in bf16 throughout it stays bf16.
-    assert set(lora_input_dtypes(sd3(sd3_dir, dtype="bf16"))) == {torch.float32}
+    assert set(lora_input_dtypes(sd3(tiny_sd3_dir, dtype="bf16"))) == {torch.float32}
     assert set(lora_input_dtypes(pure)) == {torch.bfloat16}
     v, grads = velocity_and_grads(pure)
     assert v.dtype == torch.float32
@@ -152,9 +140,9 @@ def test_bf16_throughout_keeps_fp32_lora_masters_and_the_velocity(sd3_dir):
 
 
 # ------------------------------------------------------------------------------------------- compiled blocks
-def test_compiled_blocks_give_the_same_velocity_for_every_weight_set(sd3_dir, monkeypatch):
+def test_compiled_blocks_give_the_same_velocity_for_every_weight_set(tiny_sd3_dir, monkeypatch):
     monkeypatch.setattr(throughput, "COMPILE_BACKEND", "eager")
-    plain, compiled = sd3(sd3_dir), sd3(sd3_dir, compile_blocks=True)
+    plain, compiled = sd3(tiny_sd3_dir), sd3(tiny_sd3_dir, compile_blocks=True)
     assert all(block._compiled_call_impl is not None for block in compiled.transformer.transformer_blocks)
     assert_same(velocity_and_grads(plain), velocity_and_grads(compiled))
     assert_same(velocity_and_grads(plain), velocity_and_grads(compiled))  # the guarded first call, then the cached one
@@ -166,12 +154,12 @@ def test_compiled_blocks_give_the_same_velocity_for_every_weight_set(sd3_dir, mo
     assert compiled.throughput.compiled  # nothing fell back
 
 
-def test_the_guarded_first_call_keeps_the_graph_of_earlier_calls(sd3_dir, monkeypatch):
+def test_the_guarded_first_call_keeps_the_graph_of_earlier_calls(tiny_sd3_dir, monkeypatch):
     """Reward backprop (DRaFT) chains velocity calls: the backward compiled at a new call's guard must not free
     the earlier calls' graph, which the method's backward still needs."""
     monkeypatch.setattr(throughput, "COMPILE_BACKEND", "eager")
     grads = []
-    for policy in (sd3(sd3_dir), sd3(sd3_dir, compile_blocks=True)):
+    for policy in (sd3(tiny_sd3_dir), sd3(tiny_sd3_dir, compile_blocks=True)):
         x, t = torch.randn(2, *policy.sample_shape, generator=torch.Generator().manual_seed(0)), torch.full((2,), 0.5)
         cond = policy.encode(PROMPTS[:2])
         v = policy.velocity(x, t, cond)
@@ -182,13 +170,13 @@ def test_the_guarded_first_call_keeps_the_graph_of_earlier_calls(sd3_dir, monkey
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
 
 
-def test_the_meters_flop_count_of_a_compiled_policy_is_eagers(sd3_dir, monkeypatch):
+def test_the_meters_flop_count_of_a_compiled_policy_is_eagers(tiny_sd3_dir, monkeypatch):
     """Dynamo runs eagerly under FlopCounterMode (the compute meter's count), so that call guards nothing."""
     from torch.utils.flop_counter import FlopCounterMode
 
     monkeypatch.setattr(throughput, "COMPILE_BACKEND", "eager")
     counts = []
-    for policy in (sd3(sd3_dir), sd3(sd3_dir, compile_blocks=True)):
+    for policy in (sd3(tiny_sd3_dir), sd3(tiny_sd3_dir, compile_blocks=True)):
         x, t = torch.randn(2, *policy.sample_shape), torch.rand(2)
         with FlopCounterMode(display=False) as counter:
             policy.velocity(x, t, policy.encode(PROMPTS[:2]))
@@ -209,9 +197,9 @@ def failing_backward_backend():
 
 
 @pytest.mark.parametrize("backend", [failing_backend, failing_backward_backend()], ids=["forward", "backward"])
-def test_a_failing_compile_falls_back_to_eager_with_a_warning(sd3_dir, monkeypatch, backend):
+def test_a_failing_compile_falls_back_to_eager_with_a_warning(tiny_sd3_dir, monkeypatch, backend):
     monkeypatch.setattr(throughput, "COMPILE_BACKEND", backend)
-    plain, compiled = sd3(sd3_dir), sd3(sd3_dir, compile_blocks=True)
+    plain, compiled = sd3(tiny_sd3_dir), sd3(tiny_sd3_dir, compile_blocks=True)
     with pytest.warns(RuntimeWarning, match=r"SD3Policy: torch.compile .* failed \(RuntimeError: no C\+\+ compiler"):
         result = velocity_and_grads(compiled)
     assert_same(velocity_and_grads(plain), result)
@@ -219,20 +207,20 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(sd3_dir, monkeypat
     assert all(block._compiled_call_impl is None for block in compiled.transformer.transformer_blocks)
 
 
-def test_flux_compiles_both_block_lists_with_its_attention_backend(flux_dir, monkeypatch):
+def test_flux_compiles_both_block_lists_with_its_attention_backend(tiny_flux_dir, monkeypatch):
     monkeypatch.setattr(throughput, "COMPILE_BACKEND", "eager")
-    compiled = flux(flux_dir, compile_blocks=True, attention_backend="_native_math")
+    compiled = flux(tiny_flux_dir, compile_blocks=True, attention_backend="_native_math")
     blocks = [*compiled.transformer.transformer_blocks, *compiled.transformer.single_transformer_blocks]
     assert compiled.throughput.compiled == blocks
-    assert_same(velocity_and_grads(flux(flux_dir)), velocity_and_grads(compiled))
+    assert_same(velocity_and_grads(flux(tiny_flux_dir)), velocity_and_grads(compiled))
 
 
 # ------------------------------------------------------------------------------------------- micro-batch
 @pytest.mark.parametrize("micro_batch", [3, 4])
-def test_the_training_micro_batch_is_independent_of_the_group_size(sd3_dir, micro_batch):
+def test_the_training_micro_batch_is_independent_of_the_group_size(tiny_sd3_dir, micro_batch):
     """``train_batch_size`` (the methods' micro-batch) sets the transformer's batch in training, whatever the
     group size: 2 prompts × 2 images in micro-batches of 3 are 3 + 1; of 4, one."""
-    policy = sd3(sd3_dir)
+    policy = sd3(tiny_sd3_dir)
     sizes: list[int] = []
     velocity = policy.velocity
 
