@@ -25,7 +25,7 @@ log = logging.getLogger("diffrl")
 JUDGEMENTS = ["correct", "strict", "score"]  # the values of rewards.shapes.Judgement, default first
 JUDGEMENT_HELP = (
     "training reward: the official GenEval rule (correct, default on shapes), FlowGRPO's strict rule, "
-    "or FlowGRPO's partial-credit score (collapses to empty images on shapes: see the README)"
+    "or FlowGRPO's partial-credit score (its training reward; docs/rewards.md)"
 )
 SHAPES_LR = 1e-4  # full fine-tuning of the 2M-parameter shapes model (the official 3e-4 is for LoRA on 2.5B)
 USER_ERROR = 2  # exit status of a user error: invalid suite, flags, files, a missing extra (argparse's exit 2 too)

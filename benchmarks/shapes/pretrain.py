@@ -20,7 +20,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +64,7 @@ class PretrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     warmup_steps: int = 200
+    lr_cooldown_steps: int = 0  # the last steps decay the lr linearly towards 0 (warmup-stable-decay); 0: constant
     weight_decay: float = 0.0
     cond_dropout: float = 0.1
     grad_clip: float = 1.0
@@ -71,6 +72,7 @@ class PretrainConfig:
     distractor_rate: float = 0.0  # mean number of unmentioned objects per training image (Poisson)
     caption_noise: float = 0.5  # probability that an image's caption describes another random scene (alt-text noise)
     caption_noise_scope: CaptionNoiseScope = "any"  # which scene a noisy caption describes (see training_captions)
+    caption_noise_start: int = 0  # steps on true captions before the noise begins (training_captions)
     t_logit_mean: float = 0.0  # training times t = sigmoid(N(mean, std²)) (SD3's logit-normal)
     t_logit_std: float = 1.0
     seed: int = 0
@@ -79,7 +81,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "steps", "batch_size", "warmup_steps", "threads")
-        check_non_negative(self, "weight_decay", "distractor_rate", "save_every")
+        check_non_negative(
+            self, "weight_decay", "distractor_rate", "save_every", "caption_noise_start", "lr_cooldown_steps"
+        )
         check_unit_interval(self, "cond_dropout", "ema_decay", "caption_noise")
         check_positive(self, "lr", "grad_clip", "t_logit_std")
         check_finite(self, "t_logit_mean")
@@ -99,7 +103,7 @@ def _render(metadata: dict, rng: np.random.Generator, distractor_rate: float) ->
     return draw(objects)
 
 
-def training_captions(prompts: list[dict], rng: np.random.Generator, cfg: PretrainConfig) -> list[str]:
+def training_captions(prompts: list[dict], rng: np.random.Generator, cfg: PretrainConfig, step: int = 1) -> list[str]:
     """Each image's caption: with probability ``caption_noise`` another prompt (web alt-text is often wrong
     about its image), then dropped to the empty prompt with probability ``cond_dropout``.
 
@@ -107,11 +111,13 @@ def training_captions(prompts: list[dict], rng: np.random.Generator, cfg: Pretra
     web data: sampling without guidance follows the prompt only part of the time, while CFG (which
     sharpens towards p(c | x)) brings out what the model knows. ``caption_noise_scope``: ``"any"``, a
     random prompt of any scene; ``"same_objects"``, a random prompt naming the same shape classes, so
-    that only counts, colours and positions are wrong (attribute noise). No draw is made when
-    ``caption_noise`` is 0, so older recipes keep their random stream.
+    that only counts, colours and positions are wrong (attribute noise). Steps up to
+    ``caption_noise_start`` (``step`` counts from 1) keep the true captions: the model learns the
+    compositions first, then how often alt-text lies. No draw is made while there is no noise, so older
+    recipes keep their random stream and a staged run matches the clean one up to its switch.
     """
     captions = [md["prompt"] for md in prompts]
-    if cfg.caption_noise > 0:
+    if cfg.caption_noise > 0 and step > cfg.caption_noise_start:
         replaced = rng.random(len(prompts)) < cfg.caption_noise
         if cfg.caption_noise_scope == "any":
             others = [other["prompt"] for other in sample_prompts(rng, len(prompts))]
@@ -136,6 +142,14 @@ def _prompts_by_classes() -> dict[frozenset[str], tuple[str, ...]]:
         for metadata in all_prompts(tag):
             grouped[_classes(metadata)].append(metadata["prompt"])
     return {classes: tuple(texts) for classes, texts in grouped.items()}
+
+
+def lr_factor(step: int, cfg: PretrainConfig) -> float:
+    """The lr's multiplier before optimiser step ``step + 1``: linear warm-up, constant, then the cooldown."""
+    factor = min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.lr_cooldown_steps:
+        factor *= min(1.0, (cfg.steps - step) / cfg.lr_cooldown_steps)
+    return factor
 
 
 def sha256_of(path: Path) -> str:
@@ -196,7 +210,7 @@ def _new_run(cfg: PretrainConfig, model_cfg: TinyDiTConfig | TinyUNetConfig) -> 
     model = TinyUNet(model_cfg) if isinstance(model_cfg, TinyUNetConfig) else TinyDiT(model_cfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg))
     return _Run(model, ema, optimizer, schedule, rng, torch.Generator().manual_seed(cfg.seed))
 
 
@@ -205,7 +219,7 @@ def _train_step(run: _Run, cfg: PretrainConfig, tokenizer: Tokenizer) -> float:
     run.step += 1
     prompts = sample_prompts(run.rng, cfg.batch_size)
     x0 = render_batch(prompts, run.rng, cfg.distractor_rate)
-    texts = training_captions(prompts, run.rng, cfg)
+    texts = training_captions(prompts, run.rng, cfg, run.step)
     noise = torch.randn(x0.shape, generator=run.generator)
     z = torch.randn(cfg.batch_size, generator=run.generator)
     t = torch.sigmoid(z * cfg.t_logit_std + cfg.t_logit_mean)  # logit-normal
@@ -237,6 +251,13 @@ def _flat(key: dict[str, dict[str, object]]) -> dict[str, str]:
     return {f"{group}.{name}": repr(value) for group, fields in key.items() for name, value in fields.items()}
 
 
+def _set_fields(key: dict[str, dict[str, object]]) -> set[tuple[str, str]]:
+    """The key's recipe fields that differ from their defaults: a field added to the recipe later defaults
+    to the behaviour before it, so a run saved without it resumes under its default."""
+    defaults = _flat({"pretrain": asdict(PretrainConfig())})
+    return {(name, value) for name, value in _flat(key).items() if defaults.get(name) != value}
+
+
 def _save_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConfig | TinyUNetConfig) -> None:
     state = {
         "key": _resume_key(cfg, model_cfg),
@@ -256,7 +277,7 @@ def _save_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConf
 
 def _load_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConfig | TinyUNetConfig) -> None:
     state = torch.load(path, weights_only=False)
-    differ = sorted({name for name, _ in _flat(_resume_key(cfg, model_cfg)).items() ^ _flat(state["key"]).items()})
+    differ = sorted({name for name, _ in _set_fields(_resume_key(cfg, model_cfg)) ^ _set_fields(state["key"])})
     if differ:
         raise ValueError(
             f"{path} was written by another recipe (differs in {differ}); resume it with the same settings"

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.shapes.checkpoint import BASE_CHECKPOINT, load_shapes_policy
-from benchmarks.shapes.pretrain import BASE_ARCHITECTURE, PretrainConfig, pretrain, training_captions
+from benchmarks.shapes.pretrain import BASE_ARCHITECTURE, PretrainConfig, lr_factor, pretrain, training_captions
 from benchmarks.shapes.prompts import sample_prompts
 from harness.checksums import ChecksumError, verify_checksum
 from harness.policies.tiny_dit import TinyDiTConfig
@@ -110,6 +110,33 @@ def test_caption_noise_replaces_captions_at_its_rate_and_draws_nothing_when_off(
     assert 0.45 < np.mean([c == "" for c in dropped]) < 0.55
 
 
+def test_caption_noise_starts_after_its_clean_steps_and_the_clean_phase_matches_a_clean_run():
+    prompts = sample_prompts(np.random.default_rng(1), 400)
+    own = [md["prompt"] for md in prompts]
+    staged = PretrainConfig(caption_noise=0.5, caption_noise_start=10, cond_dropout=0.0)
+    clean_rng, staged_rng = np.random.default_rng(2), np.random.default_rng(2)
+    clean = training_captions(prompts, clean_rng, PretrainConfig(caption_noise=0.0, cond_dropout=0.0), step=10)
+    assert training_captions(prompts, staged_rng, staged, step=10) == clean == own
+    assert staged_rng.random() == clean_rng.random()  # the same random stream up to the switch
+    noisy = training_captions(prompts, np.random.default_rng(3), staged, step=11)
+    assert 0.35 < np.mean([a != b for a, b in zip(noisy, own, strict=True)]) < 0.5
+
+
+def test_staged_caption_noise_matches_the_clean_run_up_to_its_switch(tmp_path):
+    clean = PretrainConfig(steps=2, batch_size=4, warmup_steps=2, caption_noise=0.0)
+    staged = replace(clean, caption_noise=0.5, caption_noise_start=2)
+    a = load_file(pretrain(clean, tmp_path / "clean", SMALL_UNET) / "model.safetensors")
+    b = load_file(pretrain(staged, tmp_path / "staged", SMALL_UNET) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lr_warms_up_stays_then_cools_down_linearly():
+    cfg = PretrainConfig(steps=100, warmup_steps=10, lr_cooldown_steps=20)
+    assert [lr_factor(s, cfg) for s in (0, 4, 9, 50, 79)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, cfg) for s in (80, 90, 99)] == [1.0, 0.5, 0.05]  # the last step at 1/20
+    assert lr_factor(99, PretrainConfig(steps=100, warmup_steps=10)) == 1.0  # no cooldown: constant
+
+
 def test_attribute_noise_keeps_the_shape_classes_and_changes_only_attributes():
     prompts = sample_prompts(np.random.default_rng(1), 2000)
     cfg = PretrainConfig(caption_noise=0.5, caption_noise_scope="same_objects", cond_dropout=0.0)
@@ -134,3 +161,14 @@ def test_a_stopped_run_resumes_bit_for_bit(tmp_path):
         pretrain(replace(cfg, steps=6, lr=0.5), tmp_path / "resumed", SMALL_UNET, resume=True)
     with pytest.raises(ValueError, match="past steps=3"):
         pretrain(replace(cfg, steps=3), tmp_path / "resumed", SMALL_UNET, resume=True)
+
+
+def test_a_run_saved_before_a_recipe_field_existed_resumes_under_its_default(tmp_path):
+    cfg = PretrainConfig(steps=2, batch_size=4, warmup_steps=2)
+    pretrain(replace(cfg, steps=1), tmp_path / "run", SMALL_UNET)
+    state = torch.load(tmp_path / "run" / "resume.pt", weights_only=False)
+    del state["key"]["pretrain"]["caption_noise_start"]  # as written before the field was added
+    torch.save(state, tmp_path / "run" / "resume.pt")
+    pretrain(cfg, tmp_path / "run", SMALL_UNET, resume=True)  # no mismatch
+    with pytest.raises(ValueError, match=r"pretrain\.caption_noise_start"):
+        pretrain(replace(cfg, steps=3, caption_noise_start=5), tmp_path / "run", SMALL_UNET, resume=True)
