@@ -97,12 +97,15 @@ def add_list(sub: Subparsers) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from benchmarks.shapes.pretrain import PretrainConfig, pretrain
-    from harness.config import call_checked, parse_overrides
+    from harness.config import ConfigError, call_checked, parse_overrides
 
     steps = PretrainConfig().steps if args.steps is None else args.steps
     recipe = {"steps": steps, "seed": args.seed, "save_every": args.save_every} | parse_overrides(args.set or [])
     cfg = call_checked(PretrainConfig, recipe, "pretrain --set")
-    out = pretrain(cfg, Path(args.out), resume=args.resume)
+    try:
+        out = pretrain(cfg, Path(args.out), resume=args.resume)
+    except ConfigError as error:  # --resume of a run saved by another recipe or length
+        return _user_error("diffrl pretrain", error)
     print(f"wrote {out}")
     return 0
 

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.shapes.prompts import sample_prompts
+from harness.config import ConfigError
 from harness.geneval_rules import TASKS
 from harness.policies.tiny_dit import TinyDiT, TinyDiTConfig, Tokenizer, save_tiny_dit
 from harness.policies.tiny_unet import TinyUNet, TinyUNetConfig
@@ -262,6 +263,7 @@ def _save_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConf
     state = {
         "key": _resume_key(cfg, model_cfg),
         "step": run.step,
+        "steps": cfg.steps,  # the length it was run for: where its lr cooldown begins
         "model": run.model.state_dict(),
         "ema": run.ema.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -275,15 +277,30 @@ def _save_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConf
     temporary.replace(path)
 
 
+def _check_cooldown_unchanged(path: Path, state: dict, cfg: PretrainConfig) -> None:
+    """A run resumed with another length keeps the lr it was trained with only if its cooldown had not begun."""
+    saved_steps = state.get("steps", cfg.steps)  # states without it predate the cooldown (lr_cooldown_steps 0)
+    cooled = state["step"] > min(saved_steps, cfg.steps) - cfg.lr_cooldown_steps  # the saved steps span a cooldown
+    if cfg.lr_cooldown_steps and saved_steps != cfg.steps and cooled:
+        raise ConfigError(
+            f"{path} is at step {state['step']} of a {saved_steps}-step run: with lr_cooldown_steps="
+            f"{cfg.lr_cooldown_steps} its lr would differ from a run of steps={cfg.steps} made in one go; "
+            f"resume it with --steps {saved_steps}, or start again"
+        )
+
+
 def _load_run(run: _Run, path: Path, cfg: PretrainConfig, model_cfg: TinyDiTConfig | TinyUNetConfig) -> None:
     state = torch.load(path, weights_only=False)
     differ = sorted({name for name, _ in _set_fields(_resume_key(cfg, model_cfg)) ^ _set_fields(state["key"])})
     if differ:
-        raise ValueError(
+        raise ConfigError(
             f"{path} was written by another recipe (differs in {differ}); resume it with the same settings"
         )
     if state["step"] > cfg.steps:
-        raise ValueError(f"{path} is at step {state['step']}, past steps={cfg.steps}; ask for at least that many steps")
+        raise ConfigError(
+            f"{path} is at step {state['step']}, past steps={cfg.steps}; ask for at least that many steps"
+        )
+    _check_cooldown_unchanged(path, state, cfg)
     run.model.load_state_dict(state["model"])
     run.ema.load_state_dict(state["ema"])
     run.optimizer.load_state_dict(state["optimizer"])

@@ -172,3 +172,15 @@ def test_a_run_saved_before_a_recipe_field_existed_resumes_under_its_default(tmp
     pretrain(cfg, tmp_path / "run", SMALL_UNET, resume=True)  # no mismatch
     with pytest.raises(ValueError, match=r"pretrain\.caption_noise_start"):
         pretrain(replace(cfg, steps=3, caption_noise_start=5), tmp_path / "run", SMALL_UNET, resume=True)
+
+
+def test_a_run_in_its_lr_cooldown_resumes_only_at_its_own_length(tmp_path):
+    cfg = PretrainConfig(steps=6, batch_size=4, warmup_steps=1, lr_cooldown_steps=2)
+    pretrain(replace(cfg, steps=3), tmp_path / "run", SMALL_UNET)  # 3 of 3 steps: its cooldown began after step 1
+    with pytest.raises(ValueError, match="resume it with --steps 3"):
+        pretrain(cfg, tmp_path / "run", SMALL_UNET, resume=True)
+    state = torch.load(tmp_path / "run" / "resume.pt", weights_only=False)
+    assert (state["step"], state["steps"]) == (3, 3)
+    state["steps"] = 10  # as if stopped at step 3 of a 10-step run: its cooldown (from step 8) had not begun
+    torch.save(state, tmp_path / "run" / "resume.pt")
+    pretrain(cfg, tmp_path / "run", SMALL_UNET, resume=True)  # 6 steps: cooldown from step 4, after the saved 3

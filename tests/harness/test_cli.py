@@ -151,3 +151,15 @@ def test_pretrain_set_overrides_the_recipe_and_names_a_bad_field(monkeypatch, ca
     assert (seen["cfg"].steps, seen["cfg"].caption_noise, seen["cfg"].caption_noise_scope) == (7, 0.3, "same_objects")
     assert main(["pretrain", "shapes", "--set", "caption_nois=0.3", "--out", str(tmp_path)]) == USER_ERROR
     assert "Did you mean 'caption_noise'?" in capsys.readouterr().err
+
+
+def test_pretrain_resume_of_another_recipe_is_a_user_error(monkeypatch, capsys, tmp_path):
+    import benchmarks.shapes.pretrain as pretraining
+    from harness.config import ConfigError
+
+    def refuse(cfg, out, resume):
+        raise ConfigError(f"{out}/resume.pt was written by another recipe (differs in ['pretrain.lr'])")
+
+    monkeypatch.setattr(pretraining, "pretrain", refuse)
+    assert main(["pretrain", "shapes", "--resume", "--out", str(tmp_path)]) == USER_ERROR
+    assert "diffrl pretrain: " in capsys.readouterr().err  # one line, no traceback
